@@ -1,0 +1,533 @@
+"""The engine: owns the model and tokenizer, and a scheduler thread that batches every request continuously.
+
+Requests join the running batch after their prefill and leave it the step they finish, so a short request is not
+held behind a long one. Callers (HTTP routes, Gradio events, benchmarks) use `stream`/`generate` from any asyncio
+loop; the engine knows nothing of HTTP or Gradio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import itertools
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from inference import batch as batching
+from inference.detokenize import IncrementalDecoder, StopStringFilter
+from inference.errors import (
+    EngineError,
+    GenerationError,
+    InvalidRequestError,
+    NotReadyError,
+    PromptTooLongError,
+    QueueFullError,
+    RequestTimeoutError,
+)
+from inference.loader import LoadedModel, load_model
+from inference.params import SamplingParams
+from inference.prompts import ChatMessage, PromptFormatter
+from inference.sampling import RowSampler, sample_next_tokens
+from inference.settings import Settings
+
+logger = logging.getLogger("inference.engine")
+
+
+class EngineState(enum.Enum):
+    STARTING = "starting"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """New text of a streaming request (already safe to show: no partial stop string, no broken character)."""
+
+    text: str
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    text: str
+    finish_reason: str  # "length", "stop" or "eos"
+    prompt_tokens: int
+    completion_tokens: int
+    queue_seconds: float
+    time_to_first_token_seconds: float
+    generation_seconds: float
+    total_seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    token_ids: list[int]
+    extra_stops: tuple[str, ...] = ()
+
+
+_Event = TextChunk | GenerationResult | EngineError
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One request's state inside the engine."""
+
+    request_id: str
+    route: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    deliver: Callable[[_Event], None]
+    submitted_at: float
+    deadline: float
+    cancelled: bool = False  # the caller left (Stop, disconnect, done reading); set from any thread
+    done: bool = False  # a result or an error was delivered
+    sampler: RowSampler | None = None
+    decoder: IncrementalDecoder | None = None
+    stops: StopStringFilter | None = None
+    generated: int = 0
+    started_at: float = 0.0
+    first_token_at: float = 0.0
+
+    @property
+    def budget(self) -> int:
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
+
+@dataclass
+class EngineStats:
+    """Counters for tests, /model-info and metrics."""
+
+    requests_finished: int = 0
+    requests_failed: int = 0
+    requests_cancelled: int = 0
+    decode_steps: int = 0
+    prefills: int = 0
+    largest_batch: int = 0
+    batch_sizes_seen: collections.Counter[int] = field(default_factory=collections.Counter)
+
+
+class Engine:
+    """Load once with `start()`; then `stream()`/`generate()` from any asyncio loop, from many tasks at once."""
+
+    def __init__(self, settings: Settings, loader: Callable[[Settings], LoadedModel] = load_model) -> None:
+        self.settings = settings
+        self._loader = loader
+        self.state = EngineState.STARTING
+        self.failure: str | None = None
+        self.loaded: LoadedModel | None = None
+        self.formatter: PromptFormatter | None = None
+        self.stats = EngineStats()
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._running: list[_Sequence] = []
+        self._batch: batching.BatchState | None = None
+        self._wakeup = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._eos_ids: set[int] = set()
+        self._can_merge = True
+        self._seeds = random.Random()
+        self._ids = itertools.count(1)
+
+    # ----- life cycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the model (blocking: call it from a start-up thread), warm it up and start the scheduler."""
+        self.state = EngineState.LOADING
+        try:
+            if self.settings.torch_threads:
+                torch.set_num_threads(self.settings.torch_threads)
+            else:
+                torch.set_num_threads(os.cpu_count() or 1)
+            self.loaded = self._loader(self.settings)
+            self.formatter = PromptFormatter(self.loaded.tokenizer)
+            self._eos_ids = _eos_token_ids(self.loaded)
+            self._warm_up()
+        except Exception as exc:
+            self.state = EngineState.FAILED
+            self.failure = exc.message if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+            logger.error("Model failed to load: %s", self.failure)
+            raise
+        self._thread = threading.Thread(target=self._run, name="engine-scheduler", daemon=True)
+        self._thread.start()
+        self.state = EngineState.READY
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Stop the scheduler; requests still in the engine get NotReadyError."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        for sequence in [*self._waiting, *self._running]:
+            sequence.deliver(NotReadyError("The server is shutting down."))
+        self._waiting.clear()
+        self._running.clear()
+        self.state = EngineState.STOPPED
+
+    @property
+    def ready(self) -> bool:
+        return self.state is EngineState.READY
+
+    def _warm_up(self) -> None:
+        assert self.loaded is not None
+        state, logits = batching.prefill(self.loaded.model, [[self._pad_id] * 4], self._pad_id)
+        self._can_merge = batching.supports_merging(state.cache)
+        if not self._can_merge:
+            logger.warning("This model's cache can't be merged; requests will be decoded one batch at a time.")
+
+    # ----- what callers use ---------------------------------------------------------------------------------------
+
+    @property
+    def _pad_id(self) -> int:
+        assert self.loaded is not None
+        return int(self.loaded.tokenizer.pad_token_id)
+
+    def _require_ready(self) -> tuple[LoadedModel, PromptFormatter]:
+        if self.state is not EngineState.READY or self.loaded is None or self.formatter is None:
+            reason = self.failure or f"the model is {self.state.value}"
+            raise NotReadyError(f"The model is not ready: {reason}.")
+        return self.loaded, self.formatter
+
+    @property
+    def context_length(self) -> int:
+        loaded, _ = self._require_ready()
+        config = loaded.model.config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return self.settings.max_input_tokens + self.settings.max_new_tokens
+
+    def prepare_completion(self, prompt: str) -> PreparedPrompt:
+        _, formatter = self._require_ready()
+        return PreparedPrompt(formatter.encode_completion(prompt))
+
+    def prepare_chat(self, messages: list[ChatMessage]) -> PreparedPrompt:
+        _, formatter = self._require_ready()
+        ids, stops = formatter.encode_chat(messages)
+        return PreparedPrompt(ids, stops)
+
+    def count_tokens(self, text: str) -> int:
+        _, formatter = self._require_ready()
+        return len(formatter.encode_completion(text))
+
+    async def stream(
+        self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
+    ) -> AsyncIterator[TextChunk | GenerationResult]:
+        """Yield text chunks as they are decoded, then the final result. Leaving the loop early cancels the request."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[_Event] = asyncio.Queue()
+
+        def deliver(event: _Event) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the caller's loop is gone; nobody is listening
+                pass
+
+        sequence = self._submit(prompt, params, deliver, request_id=request_id, route=route)
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, EngineError):
+                    raise event
+                yield event
+                if isinstance(event, GenerationResult):
+                    return
+        finally:
+            if not sequence.done:
+                sequence.cancelled = True
+                self._notify()
+
+    async def generate(
+        self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
+    ) -> GenerationResult:
+        """Run one request to the end and return its result."""
+        async for event in self.stream(prompt, params, request_id=request_id, route=route):
+            if isinstance(event, GenerationResult):
+                return event
+        raise GenerationError("The generation ended without a result.")  # pragma: no cover - stream always ends so
+
+    def snapshot(self) -> dict[str, int]:
+        """Live figures: how many requests run and wait, and the current batch size."""
+        return {"running": len(self._running), "waiting": len(self._waiting)}
+
+    # ----- submission -----------------------------------------------------------------------------------------------
+
+    def _submit(
+        self,
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        deliver: Callable[[_Event], None],
+        *,
+        request_id: str | None,
+        route: str,
+    ) -> _Sequence:
+        self._require_ready()
+        self._check_lengths(len(prompt.token_ids), params)
+        if prompt.extra_stops:
+            params = _with_stops(params, prompt.extra_stops)
+        now = time.monotonic()
+        sequence = _Sequence(
+            request_id=request_id or uuid.uuid4().hex[:12],
+            route=route,
+            prompt_ids=prompt.token_ids,
+            params=params,
+            deliver=deliver,
+            submitted_at=now,
+            deadline=now + self.settings.request_timeout_s,
+        )
+        with self._wakeup:
+            if len(self._waiting) >= self.settings.max_queue_size:
+                raise QueueFullError(len(self._waiting))
+            self._waiting.append(sequence)
+            self._wakeup.notify()
+        return sequence
+
+    def _check_lengths(self, prompt_tokens: int, params: SamplingParams) -> None:
+        if prompt_tokens == 0:
+            raise InvalidRequestError("`prompt` cannot be empty", param="prompt")
+        if prompt_tokens > self.settings.max_input_tokens:
+            raise PromptTooLongError(prompt_tokens, self.settings.max_input_tokens)
+        total = prompt_tokens + params.max_new_tokens
+        if total > self.context_length:
+            raise InvalidRequestError(
+                f"The prompt ({prompt_tokens} tokens) plus max_new_tokens ({params.max_new_tokens}) is {total} tokens, "
+                f"more than the model's context length of {self.context_length}. Lower max_new_tokens or shorten "
+                "the prompt.",
+                param="max_new_tokens",
+            )
+        if total > self.settings.max_batch_tokens:
+            raise InvalidRequestError(
+                f"The prompt ({prompt_tokens} tokens) plus max_new_tokens ({params.max_new_tokens}) is {total} tokens, "
+                f"more than this server's batch token budget of {self.settings.max_batch_tokens} (MAX_BATCH_TOKENS).",
+                param="max_new_tokens",
+            )
+
+    def _notify(self) -> None:
+        with self._wakeup:
+            self._wakeup.notify()
+
+    # ----- the scheduler thread -----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._step()
+            except Exception:  # a fault in the step itself: fail what runs, keep serving
+                logger.exception("Engine step failed; failing the running batch")
+                for sequence in self._running:
+                    self._fail(sequence, GenerationError("Generation failed inside the model."))
+                self._running, self._batch = [], None
+
+    def _step(self) -> None:
+        """One scheduler turn: drop cancelled and expired requests, admit newcomers, decode one token for every row."""
+        self._drop_cancelled_and_expired()
+        self._retire_finished()
+        newcomers = self._admit()
+        if newcomers:
+            self._prefill(newcomers)
+        if self._running:
+            self._decode()
+
+    def _admit(self) -> list[_Sequence]:
+        with self._wakeup:
+            if not self._running and not self._waiting:
+                self._wakeup.wait(timeout=0.1)
+            if not self._running and self._waiting and self.settings.batch_wait_ms > 0:
+                # idle engine: give companions a moment to arrive, so they share the first prefill
+                deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
+                while len(self._waiting) < self.settings.max_batch_size and time.monotonic() < deadline:
+                    self._wakeup.wait(timeout=max(0.0, deadline - time.monotonic()))
+            admitted: list[_Sequence] = []
+            used = sum(sequence.budget for sequence in self._running)
+            room = self.settings.max_batch_size - len(self._running)
+            if not self._can_merge and self._running:
+                room = 0
+            while self._waiting and len(admitted) < room:
+                candidate = self._waiting[0]
+                if used + candidate.budget > self.settings.max_batch_tokens:
+                    break  # first come, first served: later requests don't jump the queue
+                admitted.append(self._waiting.popleft())
+                used += candidate.budget
+            return admitted
+
+    def _prefill(self, newcomers: list[_Sequence]) -> None:
+        assert self.loaded is not None
+        started = time.monotonic()
+        for sequence in newcomers:
+            sequence.started_at = started
+            sequence.sampler = RowSampler.create(sequence.params, sequence.prompt_ids, self._seeds.getrandbits(63))
+            sequence.decoder = IncrementalDecoder(self.loaded.tokenizer, sequence.prompt_ids)
+            sequence.stops = StopStringFilter(sequence.params.stop)
+        try:
+            state, logits = batching.prefill(self.loaded.model, [s.prompt_ids for s in newcomers], self._pad_id)
+        except Exception:
+            logger.exception("Prefill failed")
+            for sequence in newcomers:
+                self._fail(sequence, GenerationError("Generation failed inside the model."))
+            return
+        self.stats.prefills += 1
+        state.next_tokens = self._sample(newcomers, logits, state.next_tokens)
+        self._batch = state if self._batch is None else batching.merge(self._batch, state)
+        self._running.extend(newcomers)
+        self._retire_finished()
+
+    def _decode(self) -> None:
+        assert self.loaded is not None and self._batch is not None
+        self.stats.decode_steps += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(self._running))
+        self.stats.batch_sizes_seen[len(self._running)] += 1
+        logits = batching.decode_step(self.loaded.model, self._batch)
+        self._batch.next_tokens = self._sample(self._running, logits, self._batch.next_tokens)
+        self._retire_finished()
+
+    def _sample(self, sequences: list[_Sequence], logits: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """Pick each row's next token and pass its text on; rows whose bookkeeping fails are failed alone."""
+        samplers = [sequence.sampler for sequence in sequences]
+        assert all(sampler is not None for sampler in samplers)
+        tokens = sample_next_tokens(logits, samplers)  # type: ignore[arg-type]
+        now = time.monotonic()
+        for sequence, token in zip(sequences, tokens, strict=True):
+            try:
+                self._accept_token(sequence, token, now)
+            except Exception:
+                logger.exception("Request %s failed while decoding", sequence.request_id)
+                self._fail(sequence, GenerationError("Generation failed while decoding this request."))
+        return torch.tensor(tokens, dtype=torch.long, device=previous.device).unsqueeze(1)
+
+    def _accept_token(self, sequence: _Sequence, token: int, now: float) -> None:
+        assert sequence.sampler and sequence.decoder and sequence.stops
+        if sequence.generated == 0:
+            sequence.first_token_at = now
+        sequence.generated += 1
+        if token in self._eos_ids:
+            self._finish(sequence, "eos")
+            return
+        sequence.sampler.record(token)
+        visible = sequence.stops.push(sequence.decoder.push(token))
+        if visible:
+            sequence.deliver(TextChunk(visible, sequence.generated))
+        if sequence.stops.stopped:
+            self._finish(sequence, "stop")
+        elif sequence.generated >= sequence.params.max_new_tokens:
+            self._finish(sequence, "length")
+
+    def _retire_finished(self) -> None:
+        """Take rows that finished, failed, were cancelled or timed out out of the running batch."""
+        now = time.monotonic()
+        for sequence in self._running:
+            if sequence.done:
+                continue
+            if sequence.cancelled:
+                self._end_cancelled(sequence)
+            elif now > sequence.deadline:
+                self._fail(sequence, RequestTimeoutError(self.settings.request_timeout_s))
+        keep = [index for index, sequence in enumerate(self._running) if not sequence.done]
+        if len(keep) == len(self._running):
+            return
+        self._running = [self._running[index] for index in keep]
+        self._batch = batching.select(self._batch, keep) if keep and self._batch is not None else None
+
+    def _drop_cancelled_and_expired(self) -> None:
+        now = time.monotonic()
+        with self._wakeup:
+            for sequence in list(self._waiting):
+                if sequence.cancelled:
+                    self._waiting.remove(sequence)
+                    self._end_cancelled(sequence)
+                elif now > sequence.deadline:
+                    self._waiting.remove(sequence)
+                    self._fail(sequence, RequestTimeoutError(self.settings.request_timeout_s))
+
+    # ----- endings ----------------------------------------------------------------------------------------------
+
+    def _finish(self, sequence: _Sequence, reason: str) -> None:
+        assert sequence.stops is not None
+        tail = sequence.stops.flush()
+        if tail:
+            sequence.deliver(TextChunk(tail, sequence.generated))
+        now = time.monotonic()
+        result = GenerationResult(
+            request_id=sequence.request_id,
+            text=sequence.stops.text,
+            finish_reason=reason,
+            prompt_tokens=len(sequence.prompt_ids),
+            completion_tokens=sequence.generated,
+            queue_seconds=sequence.started_at - sequence.submitted_at,
+            time_to_first_token_seconds=sequence.first_token_at - sequence.submitted_at,
+            generation_seconds=now - sequence.started_at,
+            total_seconds=now - sequence.submitted_at,
+        )
+        sequence.done = True  # leaves the batch at the next retire
+        self.stats.requests_finished += 1
+        sequence.deliver(result)
+        self._log(sequence, reason, result)
+
+    def _end_cancelled(self, sequence: _Sequence) -> None:
+        sequence.done = True
+        self.stats.requests_cancelled += 1
+        self._log(sequence, "cancelled")
+
+    def _fail(self, sequence: _Sequence, error: EngineError) -> None:
+        if sequence.done:
+            return
+        sequence.done = True
+        self.stats.requests_failed += 1
+        sequence.deliver(error)
+        self._log(sequence, f"error:{error.type}")
+
+    def _log(self, sequence: _Sequence, status: str, result: GenerationResult | None = None) -> None:
+        if result is None:
+            logger.info(
+                "request id=%s route=%s prompt_tokens=%d generated_tokens=%d status=%s",
+                sequence.request_id,
+                sequence.route,
+                len(sequence.prompt_ids),
+                sequence.generated,
+                status,
+            )
+            return
+        logger.info(
+            "request id=%s route=%s prompt_tokens=%d generated_tokens=%d queue_s=%.3f generation_s=%.3f "
+            "tokens_per_s=%.1f status=%s",
+            result.request_id,
+            sequence.route,
+            result.prompt_tokens,
+            result.completion_tokens,
+            result.queue_seconds,
+            result.generation_seconds,
+            result.tokens_per_second,
+            status,
+        )
+
+
+def _with_stops(params: SamplingParams, extra: tuple[str, ...]) -> SamplingParams:
+    return replace(params, stop=tuple(dict.fromkeys((*params.stop, *extra))))
+
+
+def _eos_token_ids(loaded: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    configured: Any = getattr(loaded.model.generation_config, "eos_token_id", None)
+    for value in configured if isinstance(configured, list) else [configured]:
+        if isinstance(value, int):
+            ids.add(value)
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(int(loaded.tokenizer.eos_token_id))
+    return ids

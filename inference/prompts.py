@@ -1,0 +1,58 @@
+"""Prompts to token ids: a chat model's own template, or a plain transcript for base models that have none."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+from transformers import PreTrainedTokenizerBase
+
+from inference.errors import InvalidRequestError
+
+ROLES = ("system", "user", "assistant")
+# Base models continue a transcript; this stops them before they write the user's next line themselves.
+TRANSCRIPT_STOPS = ("\nUser:",)
+
+
+class ChatMessage(TypedDict):
+    role: str
+    content: str
+
+
+def check_messages(messages: list[ChatMessage]) -> None:
+    if not messages:
+        raise InvalidRequestError("`messages` cannot be empty", param="messages")
+    for message in messages:
+        if message.get("role") not in ROLES:
+            raise InvalidRequestError(f"each message's `role` must be one of {', '.join(ROLES)}", param="messages")
+        if not isinstance(message.get("content"), str):
+            raise InvalidRequestError("each message's `content` must be a string", param="messages")
+    if messages[-1]["role"] == "assistant":
+        raise InvalidRequestError("the last message must be from the user (or the system)", param="messages")
+
+
+def transcript(messages: list[ChatMessage]) -> str:
+    """The plain-text conversation a base model (no chat template) continues as the assistant."""
+    lines = [f"{message['role'].capitalize()}: {message['content'].strip()}" for message in messages]
+    return "\n".join(lines) + "\nAssistant:"
+
+
+class PromptFormatter:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode_completion(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def encode_chat(self, messages: list[ChatMessage]) -> tuple[list[int], tuple[str, ...]]:
+        """Token ids of the conversation, ready for the assistant's reply, and stop strings the format needs."""
+        check_messages(messages)
+        if not self.has_chat_template:
+            return self.encode_completion(transcript(messages)), TRANSCRIPT_STOPS
+        encoded = self.tokenizer.apply_chat_template(
+            [dict(message) for message in messages], add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"]), ()

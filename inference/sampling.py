@@ -1,0 +1,86 @@
+"""Pick the next token of every row of a batch, each row with its own temperature, top-k, top-p, penalty and seed.
+
+Stock logits warpers sort the whole vocabulary for top-p, which costs up to 40% of a decode step at batch 32 on a
+CPU. Here top-k runs first (linear) and temperature and top-p work on the few survivors. Without a top-k, the
+candidates are capped at MAX_CANDIDATES, which keeps all but a negligible tail of the probability mass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from inference.params import MAX_TOP_K, SamplingParams
+
+MAX_CANDIDATES = MAX_TOP_K
+
+
+@dataclass
+class RowSampler:
+    """One row's decoding state: its parameters, its own random stream, and the tokens seen so far."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    seen_tokens: torch.Tensor  # 1-D, prompt and generated ids (for the repetition penalty)
+
+    @classmethod
+    def create(cls, params: SamplingParams, prompt_ids: list[int], fallback_seed: int) -> RowSampler:
+        generator = torch.Generator()
+        generator.manual_seed(params.seed if params.seed is not None else fallback_seed)
+        return cls(params, generator, torch.tensor(prompt_ids, dtype=torch.long))
+
+    def record(self, token_id: int) -> None:
+        if self.params.repetition_penalty != 1.0:
+            self.seen_tokens = torch.cat([self.seen_tokens, torch.tensor([token_id])])
+
+
+def apply_repetition_penalty(logits: torch.Tensor, rows: list[RowSampler]) -> None:
+    """CTRL-style penalty, as transformers applies it: shrink the logits of tokens already seen (in place)."""
+    for index, row in enumerate(rows):
+        penalty = row.params.repetition_penalty
+        if penalty == 1.0 or row.seen_tokens.numel() == 0:
+            continue
+        seen = row.seen_tokens.to(logits.device)
+        scores = logits[index].gather(0, seen)
+        scores = torch.where(scores < 0, scores * penalty, scores / penalty)
+        logits[index].scatter_(0, seen, scores)
+
+
+def sample_next_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
+    """Return one token id per row from `logits` of shape [rows, vocab]."""
+    logits = logits.float()
+    apply_repetition_penalty(logits, rows)
+    chosen = logits.argmax(dim=-1)
+    sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+    if sampled:
+        chosen[sampled] = _sample_rows(logits[sampled], [rows[i] for i in sampled])
+    return chosen.tolist()
+
+
+def _sample_rows(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    row_k = [min(row.params.top_k or MAX_CANDIDATES, vocab) for row in rows]
+    # 1. keep the k best candidates of every row (sorted, largest first)
+    values, indices = logits.topk(max(row_k), dim=-1)
+    # 2. drop candidates beyond each row's own top_k
+    ranks = torch.arange(values.shape[-1], device=values.device)
+    limits = torch.tensor(row_k, device=values.device).unsqueeze(1)
+    values = values.masked_fill(ranks >= limits, float("-inf"))
+    # 3. scale by each row's temperature and turn into probabilities
+    temperatures = torch.tensor([row.params.temperature for row in rows], device=values.device).unsqueeze(1)
+    probs = torch.softmax(values / temperatures, dim=-1)
+    # 4. top-p: keep the smallest prefix whose mass reaches top_p (the first candidate always stays)
+    top_p = torch.tensor([row.params.top_p for row in rows], device=values.device).unsqueeze(1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    probs = probs.masked_fill(mass_before >= top_p, 0.0)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    # 5. draw one uniform number per row from the row's own generator, so a seed gives the same text in any batch
+    draws = torch.stack([torch.rand((), generator=row.generator) for row in rows]).to(values.device)
+    cumulative = probs.cumsum(dim=-1)
+    picks = torch.searchsorted(cumulative, draws.unsqueeze(1).to(cumulative.dtype))
+    # rounding can leave the total a hair under the draw: fall back to the last kept candidate (kept ones are a prefix)
+    last_kept = (probs > 0).sum(dim=-1, keepdim=True) - 1
+    picks = torch.minimum(picks, last_kept)
+    # 6. map each pick back to its token id
+    return indices.gather(1, picks).squeeze(1)

