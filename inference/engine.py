@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from inference import __version__
 from inference import batch as batching
 from inference.detokenize import IncrementalDecoder, StopStringFilter
 from inference.errors import (
@@ -37,6 +38,7 @@ from inference.errors import (
 from inference.loader import LoadedModel, load_model
 from inference.params import SamplingParams
 from inference.prompts import ChatMessage, PromptFormatter
+from inference.schemas import ModelInfo, ServerLimits
 from inference.sampling import RowSampler, sample_next_tokens
 from inference.settings import Settings
 
@@ -263,6 +265,33 @@ class Engine:
             if isinstance(event, GenerationResult):
                 return event
         raise GenerationError("The generation ended without a result.")  # pragma: no cover - stream always ends so
+
+    def info(self) -> ModelInfo:
+        """What is loaded and the limits this server enforces (served as /model-info)."""
+        loaded, formatter = self._require_ready()
+        settings = self.settings
+        return ModelInfo(
+            model_id=loaded.model_id,
+            source=loaded.source,
+            location=loaded.location,
+            architecture=(loaded.model.config.architectures or [type(loaded.model).__name__])[0],
+            parameters=sum(parameter.numel() for parameter in loaded.model.parameters()),
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            device=str(loaded.device),
+            context_length=self.context_length,
+            has_chat_template=formatter.has_chat_template,
+            limits=ServerLimits(
+                max_input_tokens=settings.max_input_tokens,
+                max_new_tokens=settings.max_new_tokens,
+                max_batch_size=settings.max_batch_size,
+                max_batch_tokens=settings.max_batch_tokens,
+                max_queue_size=settings.max_queue_size,
+                max_stop_sequences=settings.max_stop_sequences,
+                max_body_bytes=settings.max_body_bytes,
+                request_timeout_s=settings.request_timeout_s,
+            ),
+            version=__version__,
+        )
 
     def snapshot(self) -> dict[str, int]:
         """Live figures: how many requests run and wait, and the current batch size."""

@@ -1,0 +1,109 @@
+"""Request and response shapes of the REST API (plain pydantic, so the engine's callers share one definition)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from inference.params import MAX_REPETITION_PENALTY, MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K, SamplingParams, build_sampling_params
+from inference.settings import Settings
+
+# The body size cap (MAX_BODY_BYTES) bounds the prompt's length; this bounds a single field in characters.
+MAX_PROMPT_CHARS = 1_000_000
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Text to continue; not empty.")
+    max_new_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        validation_alias=AliasChoices("max_new_tokens", "max_length"),
+        description="Most tokens to generate (also accepted as `max_length`, the playground's name); capped by "
+        "MAX_NEW_TOKENS.",
+    )
+    temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE, description="0 means greedy.")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K, description="0 turns top-k off.")
+    repetition_penalty: float | None = Field(default=None, gt=0, le=MAX_REPETITION_PENALTY)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Same seed and parameters, same text.")
+    stop: str | list[str] | None = Field(default=None, description="Output ends before the first of these strings.")
+
+    def sampling_params(self, settings: Settings) -> SamplingParams:
+        return build_sampling_params(
+            settings,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=self.stop,
+        )
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timings(BaseModel):
+    queue_s: float = Field(description="Waiting for a slot in the running batch.")
+    time_to_first_token_s: float
+    generation_s: float = Field(description="From joining the batch to the last token.")
+    total_s: float
+    tokens_per_s: float
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    generated_text: str
+    finish_reason: Literal["length", "stop", "eos"]
+    usage: Usage
+    timings: Timings
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "loading", "failed", "starting", "stopped"]
+    model_id: str
+    reason: str | None = None
+
+
+class ServerLimits(BaseModel):
+    max_input_tokens: int
+    max_new_tokens: int
+    max_batch_size: int
+    max_batch_tokens: int
+    max_queue_size: int
+    max_stop_sequences: int
+    max_body_bytes: int
+    request_timeout_s: float
+
+
+class ModelInfo(BaseModel):
+    model_id: str
+    source: Literal["folder", "package", "hub"]
+    location: str
+    architecture: str
+    parameters: int
+    dtype: str
+    device: str
+    context_length: int
+    has_chat_template: bool
+    limits: ServerLimits
+    version: str
