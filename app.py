@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -55,16 +56,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
 
 def _start_engine(engine: Engine) -> None:
-    try:
+    # A failure is already logged and kept by the engine; /health reports it.
+    with contextlib.suppress(Exception):
         engine.start()
-    except Exception:  # already logged and kept by the engine; /health reports it
-        pass
 
 
 def main() -> None:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logger.info("Serving on http://%s:%d (playground at /, API docs at /docs)", settings.server_name, settings.server_port)
+    logger.info(
+        "Serving on http://%s:%d (playground at /, API docs at /docs)", settings.server_name, settings.server_port
+    )
     uvicorn.run(create_app(settings), host=settings.server_name, port=settings.server_port, log_level="warning")
 
 

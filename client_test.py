@@ -92,7 +92,9 @@ def main() -> int:
             expect_error(post({"prompt": ""}), 422),
             expect_error(post({"prompt": "hi", "temperature": -1}), 422),
             expect_error(post({"prompt": "hi", "top_p": "high"}), 422),
-            expect_error(http.post("/generate", content=b"{not json", headers={"content-type": "application/json"}), 422),
+            expect_error(
+                http.post("/generate", content=b"{not json", headers={"content-type": "application/json"}), 422
+            ),
             expect_error(post({"prompt": "word " * 5_000}), 422),  # over MAX_INPUT_TOKENS
             expect_error(post({"prompt": "word " * 250_000}), 413),  # over MAX_BODY_BYTES
         ]

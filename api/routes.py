@@ -64,7 +64,9 @@ async def model_info(engine: EngineDep) -> ModelInfo:
     responses={status: ERROR_RESPONSES[status] for status in (413, 422, 429, 503, 504)},
     tags=["generation"],
 )
-async def generate(body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep) -> GenerateResponse:
+async def generate(
+    body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep
+) -> GenerateResponse:
     """Continue `prompt` as plain text (no chat template) with the given sampling parameters."""
     params = body.sampling_params(settings)
     prompt = await asyncio.to_thread(engine.prepare_completion, body.prompt)
@@ -89,4 +91,4 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, s
     )
 
 
-__all__ = ["router", "error_response"]
+__all__ = ["error_response", "router"]

@@ -8,6 +8,7 @@ that only held padding are dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,8 @@ class BatchState:
 
 
 def _cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[attr-defined]
+    layers: list[Any] = list(cache.layers)
+    return [(layer.keys, layer.values) for layer in layers]
 
 
 @torch.inference_mode()
@@ -81,7 +83,8 @@ def decode_step(model: PreTrainedModel, state: BatchState) -> torch.Tensor:
     )
     state.cache = output.cache
     state.next_positions = state.next_positions + 1
-    return output.logits[:, -1, :]
+    logits: torch.Tensor = output.logits[:, -1, :]
+    return logits
 
 
 def _pad_left(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
@@ -105,7 +108,9 @@ def merge(left: BatchState, right: BatchState) -> BatchState:
     ]
     return BatchState(
         cache=DynamicCache(ddp_cache_data=layers),
-        attention_mask=torch.cat([_pad_left(left.attention_mask, columns, 1), _pad_left(right.attention_mask, columns, 1)]),
+        attention_mask=torch.cat(
+            [_pad_left(left.attention_mask, columns, 1), _pad_left(right.attention_mask, columns, 1)]
+        ),
         next_positions=torch.cat([left.next_positions, right.next_positions]),
         next_tokens=torch.cat([left.next_tokens, right.next_tokens]),
     )

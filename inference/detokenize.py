@@ -1,4 +1,4 @@
-"""Turn a stream of token ids into a stream of text: whole UTF-8 characters, right spacing, stop strings never leaked."""
+"""Token ids to text as they come: whole UTF-8 characters, right spacing, and stop strings never leaked."""
 
 from __future__ import annotations
 

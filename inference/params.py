@@ -35,9 +35,10 @@ class SamplingParams:
 def _number(name: str, value: object, low: float, high: float, *, integer: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRequestError(f"`{name}` must be a number", param=name)
-    if integer and not float(value).is_integer():
+    # ints are compared exactly: float(int) overflows for huge ones (JSON allows them)
+    if integer and isinstance(value, float) and not value.is_integer():
         raise InvalidRequestError(f"`{name}` must be an integer", param=name)
-    if not math.isfinite(value) or not low <= value <= high:
+    if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
         raise InvalidRequestError(f"`{name}` must be between {low:g} and {high:g}, got {value!r}", param=name)
     return value
 
@@ -86,6 +87,8 @@ def build_sampling_params(
 def _stop_strings(settings: Settings, stop: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
     if stop is None:
         return ()
+    if not isinstance(stop, (str, list, tuple)):
+        raise InvalidRequestError("`stop` must be a string or a list of strings", param="stop")
     stops = [stop] if isinstance(stop, str) else list(stop)
     if len(stops) > settings.max_stop_sequences:
         raise InvalidRequestError(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from transformers import PreTrainedTokenizerBase
 
@@ -52,7 +52,8 @@ class PromptFormatter:
         check_messages(messages)
         if not self.has_chat_template:
             return self.encode_completion(transcript(messages)), TRANSCRIPT_STOPS
-        encoded = self.tokenizer.apply_chat_template(
-            [dict(message) for message in messages], add_generation_prompt=True, tokenize=True, return_dict=True
+        conversation = [{"role": message["role"], "content": message["content"]} for message in messages]
+        encoded: Any = self.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True
         )
         return list(encoded["input_ids"]), ()

@@ -6,7 +6,14 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from inference.params import MAX_REPETITION_PENALTY, MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K, SamplingParams, build_sampling_params
+from inference.params import (
+    MAX_REPETITION_PENALTY,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    SamplingParams,
+    build_sampling_params,
+)
 from inference.settings import Settings
 
 # The body size cap (MAX_BODY_BYTES) bounds the prompt's length; this bounds a single field in characters.

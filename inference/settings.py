@@ -55,7 +55,9 @@ class Settings(BaseSettings):
 
     # Where the server listens; the names are the Hugging Face Spaces convention.
     server_name: str = Field(default="0.0.0.0", validation_alias=AliasChoices("GRADIO_SERVER_NAME", "server_name"))
-    server_port: int = Field(default=7860, ge=1, le=65535, validation_alias=AliasChoices("GRADIO_SERVER_PORT", "server_port"))
+    server_port: int = Field(
+        default=7860, ge=1, le=65535, validation_alias=AliasChoices("GRADIO_SERVER_PORT", "server_port")
+    )
 
     # Defaults of the playground's sliders (the API's defaults too, where a request leaves them out).
     default_temperature: float = Field(default=0.7, ge=0, le=2)

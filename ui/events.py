@@ -40,23 +40,20 @@ def wire(ui: Playground, handlers: Handlers, settings: Settings) -> None:
     )
 
     submitted = [ui.message.submit, ui.send.click]
-    reply = (
-        gr.on(
-            submitted,
-            handlers.add_user_message,
-            inputs=[ui.message, ui.chatbot],
-            outputs=[ui.message, ui.chatbot],
-            api_visibility="private",
-            queue=False,
-        )
-        .success(
-            handlers.respond,
-            inputs=[ui.chatbot, ui.system_prompt, *sliders],
-            outputs=[ui.chatbot],
-            api_visibility="private",
-            concurrency_limit=chat_concurrency,
-            concurrency_id=CHAT_CONCURRENCY_ID,
-        )
+    reply = gr.on(
+        submitted,
+        handlers.add_user_message,
+        inputs=[ui.message, ui.chatbot],
+        outputs=[ui.message, ui.chatbot],
+        api_visibility="private",
+        queue=False,
+    ).success(
+        handlers.respond,
+        inputs=[ui.chatbot, ui.system_prompt, *sliders],
+        outputs=[ui.chatbot],
+        api_visibility="private",
+        concurrency_limit=chat_concurrency,
+        concurrency_id=CHAT_CONCURRENCY_ID,
     )
     # Cancelling the event closes the handler's stream, which cancels the request inside the engine.
     ui.stop.click(None, None, None, cancels=[reply], api_visibility="private")

@@ -70,14 +70,19 @@ class Handlers:
     ) -> list[list[str]]:
         """Batched: Gradio hands over every waiting request at once; they all join the engine's running batch."""
         outcomes = await asyncio.gather(
-            *(self._complete_one(*request) for request in zip(prompt, max_length, temperature, top_p, top_k))
+            *(
+                self._complete_one(*request)
+                for request in zip(prompt, max_length, temperature, top_p, top_k, strict=True)
+            )
         )
         errors = [outcome for outcome in outcomes if isinstance(outcome, EngineError)]
         if len(errors) == len(outcomes):
             # Alone (or all wrong): fail the call so clients get an exception with the reason.
             raise gr.Error(errors[0].message)
         # In a mixed batch, one caller's bad input must not fail the others; it gets its reason as its output.
-        return [[f"Error: {outcome.message}" if isinstance(outcome, EngineError) else outcome.text for outcome in outcomes]]
+        return [
+            [f"Error: {outcome.message}" if isinstance(outcome, EngineError) else outcome.text for outcome in outcomes]
+        ]
 
     async def chat(
         self,

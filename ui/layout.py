@@ -70,7 +70,9 @@ def draw(settings: Settings) -> Playground:
         with gr.Column(scale=1, min_width=240):
             gr.Markdown("### Parameters")
             temperature, top_p, top_k, max_length = draw_parameters(settings)
-            gr.Markdown(f"repetition penalty up to {MAX_REPETITION_PENALTY:g}, seed and stop strings: see the REST API.")
+            gr.Markdown(
+                f"repetition penalty up to {MAX_REPETITION_PENALTY:g}, seed and stop strings: see the REST API."
+            )
     return Playground(
         chatbot, message, send, stop, clear, system_prompt, prompt, complete, completion,
         temperature, top_p, top_k, max_length, model_info,
