@@ -22,6 +22,7 @@ from inference import __version__
 from inference.engine import Engine
 from inference.settings import Settings, get_settings
 from ui import build_ui
+from ui.handlers import Handlers
 
 logger = logging.getLogger("app")
 
@@ -47,12 +48,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     app.state.engine = engine
     app.state.settings = settings
+    app.state.ui_handlers = Handlers(engine, settings)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(router)
     # Mounted last: routes added after a mount at "/" would be shadowed by it.
-    return gr.mount_gradio_app(app, build_ui(engine, settings), path="/", show_error=True)
+    return gr.mount_gradio_app(app, build_ui(engine, settings, app.state.ui_handlers), path="/", show_error=True)
 
 
 def _start_engine(engine: Engine) -> None:

@@ -80,18 +80,29 @@ def _describe_validation_error(error: dict[str, Any]) -> tuple[str, str | None]:
     return f"`{'.'.join(location)}`: {message}", param
 
 
+def log_refusal(request: Request, status: int, message: str) -> None:
+    """The one log line of a request refused before (or by) the engine; accepted ones are logged by the engine."""
+    request_id = getattr(request.state, "request_id", "-")
+    logger.info("request id=%s route=%s status=%d error=%r", request_id, request.url.path, status, message[:200])
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def on_engine_error(request: Request, error: EngineError) -> JSONResponse:
-        return engine_error_response(error)
+        response = engine_error_response(error)
+        if not error.logged:
+            log_refusal(request, response.status_code, error.message)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         message, param = _describe_validation_error(error.errors()[0] if error.errors() else {})
+        log_refusal(request, 422, message)
         return error_response(422, message, "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        log_refusal(request, error.status_code, str(error.detail))
         return error_response(error.status_code, str(error.detail), "invalid_request_error", headers=error.headers)
 
     @app.exception_handler(Exception)

@@ -522,6 +522,7 @@ class Engine:
             return
         sequence.done = True
         self.stats.requests_failed += 1
+        error.logged = True
         sequence.deliver(error)
         self._log(sequence, f"error:{error.type}")
 

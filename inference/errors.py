@@ -12,6 +12,8 @@ class EngineError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+        # True once the engine has written the request's log line, so the HTTP edge does not log it twice.
+        self.logged = False
 
 
 class InvalidRequestError(EngineError):

@@ -11,8 +11,8 @@ from ui.handlers import Handlers
 from ui.layout import draw
 
 
-def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
-    handlers = Handlers(engine, settings)
+def build_ui(engine: Engine, settings: Settings, handlers: Handlers | None = None) -> gr.Blocks:
+    handlers = handlers or Handlers(engine, settings)
     with gr.Blocks(title="LLM playground") as demo:
         playground = draw(settings)
         wire(playground, handlers, settings)

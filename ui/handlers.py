@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -45,6 +46,8 @@ class Handlers:
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
         self.settings = settings
+        # How many requests each call of the batched /generate received (proof that Gradio's queue batches).
+        self.generate_batch_sizes: collections.Counter[int] = collections.Counter()
 
     async def _complete_one(
         self, prompt: str, max_length: int, temperature: float, top_p: float, top_k: int
@@ -69,6 +72,7 @@ class Handlers:
         top_k: list[int],
     ) -> list[list[str]]:
         """Batched: Gradio hands over every waiting request at once; they all join the engine's running batch."""
+        self.generate_batch_sizes[len(prompt)] += 1
         outcomes = await asyncio.gather(
             *(
                 self._complete_one(*request)
