@@ -1,46 +1,34 @@
-"""The running batch: left-padded rows that share one KV cache, grown by prefill and merge, shrunk by filter.
+"""The running batch: left-padded rows sharing one KV cache; rows join after their prefill and leave when done.
 
-This is TGI's `CausalLMBatch` idea for plain transformers models: new rows are prefilled on their own, then their
-cache is padded on the left and concatenated to the running one; finished rows are selected out and the columns
-that only held padding are dropped.
+This is TGI's `CausalLMBatch` idea for plain transformers models (prefill newcomers on their own, then stack them
+onto the running rows; filter finished rows out), with a slot cache (kv_cache.py) so that joining and leaving cost
+one row's copy instead of the whole cache's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+
+from inference.kv_cache import SlotCache
 
 
 @dataclass
-class BatchState:
-    """Tensors of a running batch; row i of each belongs to the i-th sequence the engine tracks."""
+class Prefilled:
+    """Newcomers after their prefill: their own cache, mask and positions, ready to join the running batch."""
 
     cache: DynamicCache
-    attention_mask: torch.Tensor  # [rows, cached columns]; 0 marks left padding
-    next_positions: torch.Tensor  # [rows, 1]; position id of each row's next input token
-    next_tokens: torch.Tensor  # [rows, 1]; each row's newest token, not yet in the cache
-
-    @property
-    def size(self) -> int:
-        return int(self.attention_mask.shape[0])
-
-    @property
-    def columns(self) -> int:
-        return int(self.attention_mask.shape[1])
-
-
-def _cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    layers: list[Any] = list(cache.layers)
-    return [(layer.keys, layer.values) for layer in layers]
+    attention_mask: torch.Tensor  # [rows, prompt columns]; 0 marks left padding
+    next_positions: torch.Tensor  # [rows, 1]
 
 
 @torch.inference_mode()
-def prefill(model: PreTrainedModel, prompts: list[list[int]], pad_token_id: int) -> tuple[BatchState, torch.Tensor]:
-    """Run the prompts through the model together; return their batch (without next tokens yet) and last logits."""
+def prefill(model: PreTrainedModel, prompts: list[list[int]], pad_token_id: int) -> tuple[Prefilled, torch.Tensor]:
+    """Run the prompts through the model together; return their cache and the logits of each last position."""
     device = model.device
     width = max(len(ids) for ids in prompts)
     # 1. left-pad the prompts into one matrix, with a mask of the real tokens
@@ -52,87 +40,91 @@ def prefill(model: PreTrainedModel, prompts: list[list[int]], pad_token_id: int)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     # 2. positions count real tokens only, so a padded row sees the same positions as it would alone
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    # 3. one forward pass fills the cache; only the last position's logits are needed
-    cache = DynamicCache()
+    # 3. one forward pass fills a fresh cache; only the last position's logits are needed
     output = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        cache=cache,
+        cache=DynamicCache(),
         use_cache=True,
         logits_to_keep=1,
     )
-    next_positions = attention_mask.sum(-1, keepdim=True)
-    placeholder = torch.zeros_like(next_positions)
-    state = BatchState(output.cache, attention_mask, next_positions, placeholder)
-    return state, output.logits[:, -1, :]
-
-
-@torch.inference_mode()
-def decode_step(model: PreTrainedModel, state: BatchState) -> torch.Tensor:
-    """Feed every row's newest token; return the logits for the token after it."""
-    # 1. the new column is real for every row
-    state.attention_mask = F.pad(state.attention_mask, (0, 1), value=1)
-    # 2. one forward pass over a single new position per row, reusing the cache
-    output = model(
-        input_ids=state.next_tokens,
-        attention_mask=state.attention_mask,
-        position_ids=state.next_positions,
-        cache=state.cache,
-        use_cache=True,
-    )
-    state.cache = output.cache
-    state.next_positions = state.next_positions + 1
     logits: torch.Tensor = output.logits[:, -1, :]
-    return logits
+    return Prefilled(output.cache, attention_mask, attention_mask.sum(-1, keepdim=True)), logits
 
 
-def _pad_left(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
-    missing = columns - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+class RunningBatch:
+    """Rows decoding together. Row i of every tensor here belongs to the i-th sequence the engine tracks."""
 
+    def __init__(self, row_capacity: int) -> None:
+        self.row_capacity = row_capacity
+        self.cache: SlotCache | None = None
+        self.attention_mask = torch.zeros((0, 0), dtype=torch.long)
+        self.next_positions = torch.zeros((0, 1), dtype=torch.long)
+        self.next_tokens = torch.zeros((0, 1), dtype=torch.long)
 
-def merge(left: BatchState, right: BatchState) -> BatchState:
-    """Stack two batches into one, padding the narrower one's cache and mask on the left."""
-    columns = max(left.columns, right.columns)
-    layers = [
-        (
-            torch.cat([_pad_left(k1, columns, 2), _pad_left(k2, columns, 2)]),
-            torch.cat([_pad_left(v1, columns, 2), _pad_left(v2, columns, 2)]),
+    @property
+    def size(self) -> int:
+        return int(self.attention_mask.shape[0])
+
+    def add(self, newcomers: Prefilled, next_tokens: torch.Tensor) -> None:
+        """Stack prefilled rows under the running ones, padding whichever is narrower on the left."""
+        if self.cache is None or self.size == 0:
+            # an idle batch starts afresh, so buffers left from a busier time are freed
+            self.cache = SlotCache(newcomers.cache, self.row_capacity)
+            self.cache.add_rows(newcomers.cache)
+            self.attention_mask = newcomers.attention_mask
+            self.next_positions = newcomers.next_positions
+            self.next_tokens = next_tokens
+            return
+        self.cache.add_rows(newcomers.cache)
+        columns = self.cache.columns
+        self.attention_mask = torch.cat(
+            [_pad_left(self.attention_mask, columns), _pad_left(newcomers.attention_mask, columns)]
         )
-        for (k1, v1), (k2, v2) in zip(_cache_tensors(left.cache), _cache_tensors(right.cache), strict=True)
-    ]
-    return BatchState(
-        cache=DynamicCache(ddp_cache_data=layers),
-        attention_mask=torch.cat(
-            [_pad_left(left.attention_mask, columns, 1), _pad_left(right.attention_mask, columns, 1)]
-        ),
-        next_positions=torch.cat([left.next_positions, right.next_positions]),
-        next_tokens=torch.cat([left.next_tokens, right.next_tokens]),
-    )
+        self.next_positions = torch.cat([self.next_positions, newcomers.next_positions])
+        self.next_tokens = torch.cat([self.next_tokens, next_tokens])
+
+    def remove(self, leaving: list[int]) -> list[int]:
+        """Drop finished rows; returns, for each remaining row in its new place, its old index."""
+        assert self.cache is not None
+        order = self.cache.remove_rows(leaving)
+        index = torch.tensor(order, dtype=torch.long, device=self.attention_mask.device)
+        self.attention_mask = self.attention_mask.index_select(0, index)
+        self.next_positions = self.next_positions.index_select(0, index)
+        self.next_tokens = self.next_tokens.index_select(0, index)
+        # columns that are padding in every remaining row can go
+        real = (self.attention_mask.sum(0) > 0).nonzero()
+        padding_only = int(real[0]) if real.numel() else self.attention_mask.shape[1]
+        if padding_only:
+            self.cache.drop_leading_columns(padding_only)
+            self.attention_mask = self.attention_mask[:, padding_only:]
+        return order
+
+    @torch.inference_mode()
+    def step(self, model: PreTrainedModel) -> torch.Tensor:
+        """Feed every row's newest token; return the logits for the token after it."""
+        assert self.cache is not None
+        # 1. make room for one more column, which is real for every row
+        self.cache.reserve_columns(1)
+        self.attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
+        # 2. one forward pass over a single new position per row, writing into the cache in place
+        output = model(
+            input_ids=self.next_tokens.to(model.device),
+            attention_mask=self.attention_mask.to(model.device),
+            position_ids=self.next_positions.to(model.device),
+            cache=self.cache,
+            use_cache=True,
+        )
+        self.next_positions = self.next_positions + 1
+        logits: torch.Tensor = output.logits[:, -1, :]
+        return logits
 
 
-def select(state: BatchState, keep: list[int]) -> BatchState:
-    """Keep only the given rows, and drop leading columns that are padding in all of them."""
-    index = torch.tensor(keep, dtype=torch.long, device=state.attention_mask.device)
-    mask = state.attention_mask.index_select(0, index)
-    first_real = int((mask.sum(0) > 0).nonzero()[0]) if mask.numel() else 0
-    layers = [
-        (k.index_select(0, index)[:, :, first_real:], v.index_select(0, index)[:, :, first_real:])
-        for k, v in _cache_tensors(state.cache)
-    ]
-    return BatchState(
-        cache=DynamicCache(ddp_cache_data=layers),
-        attention_mask=mask[:, first_real:],
-        next_positions=state.next_positions.index_select(0, index),
-        next_tokens=state.next_tokens.index_select(0, index),
-    )
+def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+    return F.pad(tensor, (columns - tensor.shape[1], 0), value=0)
 
 
-def supports_merging(cache: DynamicCache) -> bool:
-    """Only full-attention dynamic layers can be padded and stacked like this (not sliding-window or linear ones)."""
-    return all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers)
+def supports_slot_cache(cache: DynamicCache) -> bool:
+    """Only full-attention dynamic layers can be handled like this (not sliding-window or linear-attention ones)."""
+    return all(type(layer) is DynamicLayer for layer in cache.layers)

@@ -31,6 +31,7 @@ from inference.errors import (
     EngineError,
     GenerationError,
     InvalidRequestError,
+    ModelNotFoundError,
     NotReadyError,
     PromptTooLongError,
     QueueFullError,
@@ -139,12 +140,11 @@ class Engine:
         self.stats = EngineStats()
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
-        self._batch: batching.BatchState | None = None
+        self._batch = batching.RunningBatch(settings.max_batch_size)
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._eos_ids: set[int] = set()
-        self._can_merge = True
         self._seeds = random.Random()
         self._ids = itertools.count(1)
 
@@ -190,10 +190,12 @@ class Engine:
 
     def _warm_up(self) -> None:
         assert self.loaded is not None
-        state, _ = batching.prefill(self.loaded.model, [[self._pad_id] * 4], self._pad_id)
-        self._can_merge = batching.supports_merging(state.cache)
-        if not self._can_merge:
-            logger.warning("This model's cache can't be merged; requests will be decoded one batch at a time.")
+        prefilled, _ = batching.prefill(self.loaded.model, [[self._pad_id] * 4], self._pad_id)
+        if not batching.supports_slot_cache(prefilled.cache):
+            raise ModelNotFoundError(
+                f"MODEL_ID={self.settings.model_id!r} uses sliding-window or linear-attention layers, which this "
+                "engine's batch cache does not support yet; choose a model with full attention (Llama, GPT-2, Qwen2)."
+            )
 
     # ----- what callers use ---------------------------------------------------------------------------------------
 
@@ -363,7 +365,7 @@ class Engine:
                 logger.exception("Engine step failed; failing the running batch")
                 for sequence in self._running:
                     self._fail(sequence, GenerationError("Generation failed inside the model."))
-                self._running, self._batch = [], None
+                self._running, self._batch = [], batching.RunningBatch(self.settings.max_batch_size)
 
     def _step(self) -> None:
         """One scheduler turn: drop cancelled and expired requests, admit newcomers, decode one token for every row."""
@@ -387,8 +389,6 @@ class Engine:
             admitted: list[_Sequence] = []
             used = sum(sequence.budget for sequence in self._running)
             room = self.settings.max_batch_size - len(self._running)
-            if not self._can_merge and self._running:
-                room = 0
             while self._waiting and len(admitted) < room:
                 candidate = self._waiting[0]
                 if used + candidate.budget > self.settings.max_batch_tokens:
@@ -406,29 +406,28 @@ class Engine:
             sequence.decoder = IncrementalDecoder(self.loaded.tokenizer, sequence.prompt_ids)
             sequence.stops = StopStringFilter(sequence.params.stop)
         try:
-            state, logits = batching.prefill(self.loaded.model, [s.prompt_ids for s in newcomers], self._pad_id)
+            prefilled, logits = batching.prefill(self.loaded.model, [s.prompt_ids for s in newcomers], self._pad_id)
+            self._batch.add(prefilled, self._sample(newcomers, logits))
         except Exception:
+            # newcomers are in neither the queue nor the running batch yet: fail them here, or they wait forever
             logger.exception("Prefill failed")
             for sequence in newcomers:
                 self._fail(sequence, GenerationError("Generation failed inside the model."))
             return
         self.stats.prefills += 1
-        state.next_tokens = self._sample(newcomers, logits, state.next_tokens)
-        self._batch = state if self._batch is None else batching.merge(self._batch, state)
         self._running.extend(newcomers)
         self._retire_finished()
 
     def _decode(self) -> None:
         assert self.loaded is not None
-        assert self._batch is not None
         self.stats.decode_steps += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._running))
         self.stats.batch_sizes_seen[len(self._running)] += 1
-        logits = batching.decode_step(self.loaded.model, self._batch)
-        self._batch.next_tokens = self._sample(self._running, logits, self._batch.next_tokens)
+        logits = self._batch.step(self.loaded.model)
+        self._batch.next_tokens = self._sample(self._running, logits)
         self._retire_finished()
 
-    def _sample(self, sequences: list[_Sequence], logits: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    def _sample(self, sequences: list[_Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Pick each row's next token and pass its text on; rows whose bookkeeping fails are failed alone."""
         samplers = [sequence.sampler for sequence in sequences]
         assert all(sampler is not None for sampler in samplers)
@@ -440,7 +439,7 @@ class Engine:
             except Exception:
                 logger.exception("Request %s failed while decoding", sequence.request_id)
                 self._fail(sequence, GenerationError("Generation failed while decoding this request."))
-        return torch.tensor(tokens, dtype=torch.long, device=previous.device).unsqueeze(1)
+        return torch.tensor(tokens, dtype=torch.long, device=logits.device).unsqueeze(1)
 
     def _accept_token(self, sequence: _Sequence, token: int, now: float) -> None:
         assert sequence.sampler is not None
@@ -471,11 +470,13 @@ class Engine:
                 self._end_cancelled(sequence)
             elif now > sequence.deadline:
                 self._fail(sequence, RequestTimeoutError(self.settings.request_timeout_s))
-        keep = [index for index, sequence in enumerate(self._running) if not sequence.done]
-        if len(keep) == len(self._running):
+        leaving = [index for index, sequence in enumerate(self._running) if sequence.done]
+        if not leaving:
             return
-        self._running = [self._running[index] for index in keep]
-        self._batch = batching.select(self._batch, keep) if keep and self._batch is not None else None
+        if len(leaving) == len(self._running):
+            self._running, self._batch = [], batching.RunningBatch(self.settings.max_batch_size)
+            return
+        self._running = [self._running[index] for index in self._batch.remove(leaving)]
 
     def _drop_cancelled_and_expired(self) -> None:
         now = time.monotonic()
