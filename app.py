@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from api.openai import router as openai_router
 from api.routes import router
 from inference import __version__
 from inference.engine import Engine
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(router)
+    app.include_router(openai_router)
     # Mounted last: routes added after a mount at "/" would be shadowed by it.
     return gr.mount_gradio_app(app, build_ui(engine, settings, app.state.ui_handlers), path="/", show_error=True)
 

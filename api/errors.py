@@ -18,12 +18,14 @@ from inference.errors import (
     NotReadyError,
     QueueFullError,
     RequestTimeoutError,
+    UnknownModelError,
 )
 from inference.schemas import ErrorResponse
 
 logger = logging.getLogger("api")
 
 STATUS_BY_ERROR: dict[type[EngineError], int] = {
+    UnknownModelError: 404,
     InvalidRequestError: 422,
     QueueFullError: 429,
     NotReadyError: 503,
@@ -36,6 +38,7 @@ STATUS_BY_ERROR: dict[type[EngineError], int] = {
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
+        404: "The `model` asked for is not the one this server serves.",
         413: "The request body is larger than MAX_BODY_BYTES.",
         422: "A parameter is invalid or out of range, or the prompt is too long.",
         429: "The queue is full; retry after the Retry-After header's seconds.",

@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse
 
-from api.errors import ERROR_RESPONSES, error_response
-from inference.engine import Engine, EngineState
-from inference.schemas import GenerateRequest, GenerateResponse, HealthResponse, ModelInfo, Timings, Usage
+from api.errors import ERROR_RESPONSES
+from api.sse import sse_response
+from inference.engine import Engine, EngineState, GenerationResult, TextChunk
+from inference.errors import InvalidRequestError
+from inference.prompts import ChatMessage
+from inference.schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    HealthResponse,
+    ModelInfo,
+    StreamDone,
+    StreamText,
+    Timings,
+    TokenizeRequest,
+    TokenizeResponse,
+    Usage,
+)
 from inference.settings import Settings
 
 router = APIRouter()
@@ -58,22 +74,10 @@ async def model_info(engine: EngineDep) -> ModelInfo:
     return engine.info()
 
 
-@router.post(
-    "/generate",
-    response_model=GenerateResponse,
-    responses={status: ERROR_RESPONSES[status] for status in (413, 422, 429, 503, 504)},
-    tags=["generation"],
-)
-async def generate(
-    body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep
-) -> GenerateResponse:
-    """Continue `prompt` as plain text (no chat template) with the given sampling parameters."""
-    params = body.sampling_params(settings)
-    prompt = await asyncio.to_thread(engine.prepare_completion, body.prompt)
-    result = await engine.generate(prompt, params, request_id=request_id(request), route="/generate")
+def to_response(result: GenerationResult, model: str) -> GenerateResponse:
     return GenerateResponse(
         id=result.request_id,
-        model=settings.model_id,
+        model=model,
         generated_text=result.text,
         finish_reason=result.finish_reason,  # type: ignore[arg-type]
         usage=Usage(
@@ -91,4 +95,57 @@ async def generate(
     )
 
 
-__all__ = ["error_response", "router"]
+STREAM_DESCRIPTION = (
+    'With `"stream": true`: server-sent events, `data: {"type": "text", "text", "completion_tokens"}` for each new '
+    'piece of text, then `data: {"type": "done", ...}` with the whole response (as without streaming); an error after '
+    'the stream began arrives as `data: {"error": {...}}`.'
+)
+
+
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": STREAM_DESCRIPTION},
+        **{status: ERROR_RESPONSES[status] for status in (413, 422, 429, 503, 504)},
+    },
+    tags=["generation"],
+)
+async def generate(
+    body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep
+) -> GenerateResponse | EventSourceResponse:
+    """Continue `prompt` as plain text (no chat template) with the given sampling parameters."""
+    params = body.sampling_params(settings)
+    prompt = await asyncio.to_thread(engine.prepare_completion, body.prompt)
+    handle = engine.submit(prompt, params, request_id=request_id(request), route="/generate")
+    if not body.stream:
+        return to_response(await handle.result(), settings.model_id)
+
+    async def events() -> AsyncIterator[StreamText | StreamDone]:
+        async for event in handle.events():
+            if isinstance(event, TextChunk):
+                yield StreamText(text=event.text, completion_tokens=event.completion_tokens)
+            else:
+                yield StreamDone(**to_response(event, settings.model_id).model_dump())
+
+    return sse_response(events(), {"x-request-id": handle.request_id})
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses={422: ERROR_RESPONSES[422]}, tags=["generation"])
+async def tokenize(body: TokenizeRequest, engine: EngineDep, settings: SettingsDep) -> TokenizeResponse:
+    """Token ids, pieces and count of a prompt (as /generate sees it) or of messages (with the chat template)."""
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidRequestError("give exactly one of `prompt` and `messages`", param="prompt")
+    if body.prompt is not None:
+        prepared = await asyncio.to_thread(engine.prepare_completion, body.prompt)
+    else:
+        messages: list[ChatMessage] = [{"role": m.role, "content": m.content} for m in body.messages or []]
+        prepared = await asyncio.to_thread(engine.prepare_chat, messages)
+    ids = prepared.token_ids
+    return TokenizeResponse(
+        count=len(ids),
+        tokens=ids,
+        pieces=engine.token_pieces(ids),
+        max_input_tokens=settings.max_input_tokens,
+        fits=len(ids) <= settings.max_input_tokens,
+    )

@@ -67,6 +67,9 @@ class RunningBatch:
     def size(self) -> int:
         return int(self.attention_mask.shape[0])
 
+    # add/remove write into the cache's buffers in place, and `step` may have reallocated those under inference mode
+    # (they are inference tensors then): writing them outside it raises, so these run in inference mode too.
+    @torch.inference_mode()
     def add(self, newcomers: Prefilled, next_tokens: torch.Tensor) -> None:
         """Stack prefilled rows under the running ones, padding whichever is narrower on the left."""
         if self.cache is None or self.size == 0:
@@ -85,6 +88,7 @@ class RunningBatch:
         self.next_positions = torch.cat([self.next_positions, newcomers.next_positions])
         self.next_tokens = torch.cat([self.next_tokens, next_tokens])
 
+    @torch.inference_mode()
     def remove(self, leaving: list[int]) -> list[int]:
         """Drop finished rows; returns, for each remaining row in its new place, its old index."""
         assert self.cache is not None

@@ -127,6 +127,45 @@ class EngineStats:
     batch_sizes_seen: collections.Counter[int] = field(default_factory=collections.Counter)
 
 
+class RequestHandle:
+    """One submitted request: iterate `events()` for its text as it comes, or await `result()`; `cancel()` stops it.
+    Abandoning `events()` early (a closed stream, a cancelled task) cancels the request too."""
+
+    def __init__(self, engine: Engine, sequence: _Sequence, events: asyncio.Queue[_Event]) -> None:
+        self._engine = engine
+        self._sequence = sequence
+        self._events = events
+
+    @property
+    def request_id(self) -> str:
+        return self._sequence.request_id
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._sequence.prompt_ids)
+
+    def cancel(self) -> None:
+        self._engine._cancel(self._sequence)
+
+    async def events(self) -> AsyncIterator[TextChunk | GenerationResult]:
+        try:
+            while True:
+                event = await self._events.get()
+                if isinstance(event, EngineError):
+                    raise event
+                yield event
+                if isinstance(event, GenerationResult):
+                    return
+        finally:
+            self.cancel()
+
+    async def result(self) -> GenerationResult:
+        async for event in self.events():
+            if isinstance(event, GenerationResult):
+                return event
+        raise GenerationError("The generation ended without a result.")  # pragma: no cover - events always end so
+
+
 class Engine:
     """Load once with `start()`; then `stream()`/`generate()` from any asyncio loop, from many tasks at once."""
 
@@ -229,14 +268,16 @@ class Engine:
         ids, stops = formatter.encode_chat(messages)
         return PreparedPrompt(ids, stops)
 
-    def count_tokens(self, text: str) -> int:
-        _, formatter = self._require_ready()
-        return len(formatter.encode_completion(text))
+    def token_pieces(self, token_ids: list[int]) -> list[str]:
+        """Each token as the tokenizer spells it (byte-level pieces show spaces as `Ġ`)."""
+        loaded, _ = self._require_ready()
+        return [str(piece) for piece in loaded.tokenizer.convert_ids_to_tokens(token_ids)]
 
-    async def stream(
+    def submit(
         self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
-    ) -> AsyncIterator[TextChunk | GenerationResult]:
-        """Yield text chunks as they are decoded, then the final result. Leaving the loop early cancels the request."""
+    ) -> RequestHandle:
+        """Queue a request (call it from an asyncio loop). Refusals (not ready, too long, queue full) raise here, at
+        once, before any response is started; what happens later arrives through the handle."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[_Event] = asyncio.Queue()
 
@@ -246,27 +287,25 @@ class Engine:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         sequence = self._submit(prompt, params, deliver, request_id=request_id, route=route)
-        try:
-            while True:
-                event = await events.get()
-                if isinstance(event, EngineError):
-                    raise event
-                yield event
-                if isinstance(event, GenerationResult):
-                    return
-        finally:
-            if not sequence.done:
-                sequence.cancelled = True
-                self._notify()
+        return RequestHandle(self, sequence, events)
+
+    async def stream(
+        self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
+    ) -> AsyncIterator[TextChunk | GenerationResult]:
+        """Yield text chunks as they are decoded, then the final result. Leaving the loop early cancels the request."""
+        async for event in self.submit(prompt, params, request_id=request_id, route=route).events():
+            yield event
 
     async def generate(
         self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
     ) -> GenerationResult:
         """Run one request to the end and return its result."""
-        async for event in self.stream(prompt, params, request_id=request_id, route=route):
-            if isinstance(event, GenerationResult):
-                return event
-        raise GenerationError("The generation ended without a result.")  # pragma: no cover - stream always ends so
+        return await self.submit(prompt, params, request_id=request_id, route=route).result()
+
+    def _cancel(self, sequence: _Sequence) -> None:
+        if not sequence.done:
+            sequence.cancelled = True
+            self._notify()
 
     def info(self) -> ModelInfo:
         """What is loaded and the limits this server enforces (served as /model-info)."""

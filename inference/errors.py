@@ -35,6 +35,13 @@ class PromptTooLongError(InvalidRequestError):
         self.limit = limit
 
 
+class UnknownModelError(InvalidRequestError):
+    """A request named a model this server does not serve (OpenAI routes answer 404, as OpenAI does)."""
+
+    def __init__(self, asked: str, served: str) -> None:
+        super().__init__(f"The model `{asked}` does not exist on this server; it serves `{served}`.", param="model")
+
+
 class QueueFullError(EngineError):
     """Too many requests are waiting; the client should retry after `retry_after_s`."""
 

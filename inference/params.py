@@ -13,6 +13,8 @@ MAX_TEMPERATURE = 2.0
 MAX_TOP_K = 1000
 MAX_REPETITION_PENALTY = 10.0
 MAX_SEED = 2**63 - 1
+# OpenAI's range for presence_penalty and frequency_penalty.
+MAX_ADDITIVE_PENALTY = 2.0
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
 
@@ -51,6 +55,8 @@ def build_sampling_params(
     top_p: float | None = None,
     top_k: int | None = None,
     repetition_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
     seed: int | None = None,
     stop: str | list[str] | tuple[str, ...] | None = None,
 ) -> SamplingParams:
@@ -70,6 +76,10 @@ def build_sampling_params(
     _number("repetition_penalty", repetition_penalty, 0.0, MAX_REPETITION_PENALTY)
     if repetition_penalty == 0:
         raise InvalidRequestError("`repetition_penalty` must be strictly positive", param="repetition_penalty")
+    presence_penalty = 0.0 if presence_penalty is None else presence_penalty
+    _number("presence_penalty", presence_penalty, -MAX_ADDITIVE_PENALTY, MAX_ADDITIVE_PENALTY)
+    frequency_penalty = 0.0 if frequency_penalty is None else frequency_penalty
+    _number("frequency_penalty", frequency_penalty, -MAX_ADDITIVE_PENALTY, MAX_ADDITIVE_PENALTY)
     if seed is not None:
         _number("seed", seed, 0, MAX_SEED, integer=True)
     stops = _stop_strings(settings, stop)
@@ -79,6 +89,8 @@ def build_sampling_params(
         top_p=float(top_p),
         top_k=int(top_k),
         repetition_penalty=float(repetition_penalty),
+        presence_penalty=float(presence_penalty),
+        frequency_penalty=float(frequency_penalty),
         seed=None if seed is None else int(seed),
         stop=stops,
     )

@@ -7,7 +7,7 @@ candidates are capped at MAX_CANDIDATES, which keeps all but a negligible tail o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,7 @@ class RowSampler:
     params: SamplingParams
     generator: torch.Generator
     seen_tokens: torch.Tensor  # 1-D, prompt and generated ids (for the repetition penalty)
+    generated_counts: dict[int, int] = field(default_factory=dict)  # for the presence and frequency penalties
 
     @classmethod
     def create(cls, params: SamplingParams, prompt_ids: list[int], fallback_seed: int) -> RowSampler:
@@ -33,6 +34,19 @@ class RowSampler:
     def record(self, token_id: int) -> None:
         if self.params.repetition_penalty != 1.0:
             self.seen_tokens = torch.cat([self.seen_tokens, torch.tensor([token_id])])
+        if self.params.presence_penalty or self.params.frequency_penalty:
+            self.generated_counts[token_id] = self.generated_counts.get(token_id, 0) + 1
+
+
+def apply_presence_and_frequency_penalties(logits: torch.Tensor, rows: list[RowSampler]) -> None:
+    """OpenAI's additive penalties on the tokens generated so far: `presence` once, `frequency` per occurrence."""
+    for index, row in enumerate(rows):
+        presence, frequency = row.params.presence_penalty, row.params.frequency_penalty
+        if not (presence or frequency) or not row.generated_counts:
+            continue
+        tokens = torch.tensor(list(row.generated_counts), device=logits.device)
+        counts = torch.tensor(list(row.generated_counts.values()), dtype=logits.dtype, device=logits.device)
+        logits[index].index_add_(0, tokens, -(presence + frequency * counts))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, rows: list[RowSampler]) -> None:
@@ -47,10 +61,12 @@ def apply_repetition_penalty(logits: torch.Tensor, rows: list[RowSampler]) -> No
         logits[index].scatter_(0, seen, scores)
 
 
+@torch.inference_mode()  # the model's logits are inference tensors: the in-place penalty is only allowed in this mode
 def sample_next_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
     """Return one token id per row from `logits` of shape [rows, vocab]."""
     logits = logits.float()
     apply_repetition_penalty(logits, rows)
+    apply_presence_and_frequency_penalties(logits, rows)
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     if sampled:

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from inference.params import (
+    MAX_ADDITIVE_PENALTY,
     MAX_REPETITION_PENALTY,
     MAX_SEED,
     MAX_TEMPERATURE,
@@ -35,8 +36,11 @@ class GenerateRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K, description="0 turns top-k off.")
     repetition_penalty: float | None = Field(default=None, gt=0, le=MAX_REPETITION_PENALTY)
+    presence_penalty: float | None = Field(default=None, ge=-MAX_ADDITIVE_PENALTY, le=MAX_ADDITIVE_PENALTY)
+    frequency_penalty: float | None = Field(default=None, ge=-MAX_ADDITIVE_PENALTY, le=MAX_ADDITIVE_PENALTY)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Same seed and parameters, same text.")
     stop: str | list[str] | None = Field(default=None, description="Output ends before the first of these strings.")
+    stream: bool = Field(default=False, description="Answer with server-sent events as the text is generated.")
 
     def sampling_params(self, settings: Settings) -> SamplingParams:
         return build_sampling_params(
@@ -46,6 +50,8 @@ class GenerateRequest(BaseModel):
             top_p=self.top_p,
             top_k=self.top_k,
             repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
             seed=self.seed,
             stop=self.stop,
         )
@@ -114,3 +120,43 @@ class ModelInfo(BaseModel):
     has_chat_template: bool
     limits: ServerLimits
     version: str
+
+
+class StreamText(BaseModel):
+    """A server-sent event of a streaming /generate: new text, safe to show."""
+
+    type: Literal["text"] = "text"
+    text: str
+    completion_tokens: int
+
+
+class StreamDone(GenerateResponse):
+    """The last server-sent event of a streaming /generate: the whole text, finish reason, usage and timings."""
+
+    type: Literal["done"] = "done"
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str | None = Field(
+        default=None, max_length=MAX_PROMPT_CHARS, description="Plain text, as /generate sees it."
+    )
+    messages: list[Message] | None = Field(
+        default=None, min_length=1, description="A conversation, as /v1/chat/completions sees it (chat template)."
+    )
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    tokens: list[int]
+    pieces: list[str]
+    max_input_tokens: int
+    fits: bool = Field(description="Whether the prompt is within MAX_INPUT_TOKENS.")

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(default=512, ge=1)
     # A request that has not finished after this many seconds (queue wait included) is stopped: 504.
     request_timeout_s: float = Field(default=120.0, gt=0)
+    # Choices one OpenAI request may ask for (`n`).
+    max_n: int = Field(default=4, ge=1, le=64)
     # Stop strings a request may give, and the longest each may be.
     max_stop_sequences: int = Field(default=4, ge=0, le=64)
     max_stop_length: int = Field(default=64, ge=1, le=1024)

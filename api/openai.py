@@ -1,0 +1,215 @@
+"""OpenAI-compatible routes, so the official `openai` clients (and tools built on them) work against this server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.sse import EventSourceResponse
+
+from api.errors import ERROR_RESPONSES
+from api.routes import EngineDep, SettingsDep, request_id
+from api.sse import sse_response
+from inference.engine import Engine, GenerationResult, PreparedPrompt, RequestHandle, TextChunk
+from inference.errors import EngineError, UnknownModelError
+from inference.openai_schemas import (
+    OPENAI_FINISH_REASONS,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    ModelCard,
+    ModelList,
+    OpenAIUsage,
+    SamplingFields,
+)
+from inference.settings import Settings
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+STARTED = int(time.time())
+RESPONSES = {status: ERROR_RESPONSES[status] for status in (404, 413, 422, 429, 503, 504)}
+DONE = "[DONE]"
+
+
+def served_names(settings: Settings) -> set[str]:
+    """The model id, and its last path part (`SmolLM2-135M-Instruct`), are both accepted as `model`."""
+    return {settings.model_id, settings.model_id.rstrip("/").split("/")[-1]}
+
+
+def check_model(body: SamplingFields, settings: Settings) -> None:
+    if body.model not in served_names(settings):
+        raise UnknownModelError(body.model, settings.model_id)
+
+
+def usage_of(results: list[GenerationResult], prompt_tokens: int) -> OpenAIUsage:
+    completion = sum(result.completion_tokens for result in results)
+    return OpenAIUsage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
+    )
+
+
+def submit_all(
+    engine: Engine, settings: Settings, body: SamplingFields, prompts: list[PreparedPrompt], max_tokens: int | None,
+    request: Request, route: str,
+) -> list[RequestHandle]:  # fmt: skip
+    """One engine request per (prompt, choice); if one is refused, those already queued are cancelled."""
+    handles: list[RequestHandle] = []
+    try:
+        for prompt in prompts:
+            for choice in range(body.n):
+                params = body.sampling_params(settings, max_tokens, choice)
+                handles.append(engine.submit(prompt, params, request_id=request_id(request), route=route))
+    except EngineError:
+        for handle in handles:
+            handle.cancel()
+        raise
+    return handles
+
+
+async def merged_events(
+    handles: list[RequestHandle],
+) -> AsyncIterator[tuple[int, TextChunk | GenerationResult]]:
+    """Events of several requests as they come, tagged with the request's index; closing it cancels them all."""
+    queue: asyncio.Queue[tuple[int, TextChunk | GenerationResult | EngineError | None]] = asyncio.Queue()
+
+    async def pump(index: int, handle: RequestHandle) -> None:
+        try:
+            async for event in handle.events():
+                await queue.put((index, event))
+        except EngineError as error:
+            await queue.put((index, error))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(index, handle)) for index, handle in enumerate(handles)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, event = await queue.get()
+            if event is None:
+                remaining -= 1
+            elif isinstance(event, EngineError):
+                raise event
+            else:
+                yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+        for handle in handles:
+            handle.cancel()
+
+
+async def results_of(handles: list[RequestHandle]) -> list[GenerationResult]:
+    results: list[GenerationResult | None] = [None] * len(handles)
+    async for index, event in merged_events(handles):
+        if isinstance(event, GenerationResult):
+            results[index] = event
+    assert all(result is not None for result in results)
+    return [result for result in results if result is not None]
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(settings: SettingsDep) -> ModelList:
+    """The one model this server serves."""
+    return ModelList(data=[ModelCard(id=settings.model_id, created=STARTED, owned_by="llm-serving")])
+
+
+@router.post("/completions", response_model=Completion, responses=RESPONSES)
+async def completions(
+    body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep
+) -> Completion | EventSourceResponse:
+    """OpenAI text completion: plain prompts, no chat template."""
+    check_model(body, settings)
+    texts = body.prompts
+    prompts = [await asyncio.to_thread(engine.prepare_completion, text) for text in texts]
+    handles = submit_all(engine, settings, body, prompts, body.max_tokens, request, "/v1/completions")
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(index: int, text: str, finish_reason: str | None) -> Completion:
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason)
+        return Completion(id=completion_id, created=created, model=settings.model_id, choices=[choice])
+
+    if not body.stream:
+        results = await results_of(handles)
+        choices = [
+            CompletionChoice(index=i, text=r.text, finish_reason=OPENAI_FINISH_REASONS[r.finish_reason])
+            for i, r in enumerate(results)
+        ]
+        return Completion(
+            id=completion_id, created=created, model=settings.model_id, choices=choices,
+            usage=usage_of(results, prompt_tokens),
+        )  # fmt: skip
+
+    async def events() -> AsyncIterator[str]:
+        results: list[GenerationResult] = []
+        async for index, event in merged_events(handles):
+            if isinstance(event, TextChunk):
+                yield chunk(index, event.text, None).model_dump_json(exclude_none=True)
+            else:
+                results.append(event)
+                yield chunk(index, "", OPENAI_FINISH_REASONS[event.finish_reason]).model_dump_json(exclude_none=True)
+        if body.include_usage:
+            final = Completion(
+                id=completion_id, created=created, model=settings.model_id, choices=[],
+                usage=usage_of(results, prompt_tokens),
+            )  # fmt: skip
+            yield final.model_dump_json()
+        yield DONE
+
+    return sse_response(events(), {})
+
+
+@router.post("/chat/completions", response_model=ChatCompletion, responses=RESPONSES)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep
+) -> ChatCompletion | EventSourceResponse:
+    """OpenAI chat completion, with the model's chat template (or a plain transcript for base models)."""
+    check_model(body, settings)
+    prompt = await asyncio.to_thread(engine.prepare_chat, body.chat_messages)
+    handles = submit_all(engine, settings, body, [prompt], body.max_new_tokens, request, "/v1/chat/completions")
+    prompt_tokens = len(prompt.token_ids)
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(choices: list[ChatChunkChoice], usage: OpenAIUsage | None = None) -> str:
+        return ChatCompletionChunk(
+            id=completion_id, created=created, model=settings.model_id, choices=choices, usage=usage
+        ).model_dump_json(exclude_none=True)
+
+    if not body.stream:
+        results = await results_of(handles)
+        choices = [
+            ChatChoice(
+                index=i, message=AssistantMessage(content=r.text), finish_reason=OPENAI_FINISH_REASONS[r.finish_reason]
+            )
+            for i, r in enumerate(results)
+        ]
+        return ChatCompletion(
+            id=completion_id, created=created, model=settings.model_id, choices=choices,
+            usage=usage_of(results, prompt_tokens),
+        )  # fmt: skip
+
+    async def events() -> AsyncIterator[str]:
+        yield chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(len(handles))])
+        results: list[GenerationResult] = []
+        async for index, event in merged_events(handles):
+            if isinstance(event, TextChunk):
+                yield chunk([ChatChunkChoice(index=index, delta=Delta(content=event.text))])
+            else:
+                results.append(event)
+                reason = OPENAI_FINISH_REASONS[event.finish_reason]
+                yield chunk([ChatChunkChoice(index=index, delta=Delta(), finish_reason=reason)])
+        if body.include_usage:
+            yield chunk([], usage_of(results, prompt_tokens))
+        yield DONE
+
+    return sse_response(events(), {})

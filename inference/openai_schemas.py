@@ -1,0 +1,244 @@
+"""Request and response shapes of the OpenAI-compatible routes (/v1/models, /v1/completions, /v1/chat/completions).
+
+Parameters OpenAI defines but this server can't honour are refused with a clear 422, never silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from inference.errors import InvalidRequestError
+from inference.params import (
+    MAX_ADDITIVE_PENALTY,
+    MAX_REPETITION_PENALTY,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    SamplingParams,
+    build_sampling_params,
+)
+from inference.prompts import ChatMessage
+from inference.schemas import MAX_PROMPT_CHARS
+from inference.settings import Settings
+
+OPENAI_FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """What both OpenAI routes share; `top_k` and `repetition_penalty` are extras beyond OpenAI's set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    temperature: float | None = Field(default=1.0, ge=0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(default=1.0, gt=0, le=1)
+    n: int = Field(default=1, ge=1, description="Choices to generate; at most MAX_N.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    presence_penalty: float | None = Field(default=0.0, ge=-MAX_ADDITIVE_PENALTY, le=MAX_ADDITIVE_PENALTY)
+    frequency_penalty: float | None = Field(default=0.0, ge=-MAX_ADDITIVE_PENALTY, le=MAX_ADDITIVE_PENALTY)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = Field(default=None, description="Accepted for compatibility; not used.")
+    top_k: int | None = Field(default=0, ge=0, le=MAX_TOP_K, description="Extra: 0 turns top-k off.")
+    repetition_penalty: float | None = Field(default=1.0, gt=0, le=MAX_REPETITION_PENALTY, description="Extra.")
+
+    def _refuse(self) -> list[tuple[str, str]]:
+        """(parameter, why) for each value set that this server does not support."""
+        refused = []
+        if self.logit_bias:
+            refused.append(("logit_bias", "`logit_bias` is not supported"))
+        return refused
+
+    @model_validator(mode="after")
+    def _check_supported(self) -> SamplingFields:
+        for param, message in self._refuse():
+            raise InvalidRequestError(message, param=param)
+        return self
+
+    def sampling_params(self, settings: Settings, max_tokens: int | None, choice: int) -> SamplingParams:
+        if self.n > settings.max_n:
+            raise InvalidRequestError(f"`n` must be at most {settings.max_n} (MAX_N), got {self.n}", param="n")
+        return build_sampling_params(
+            settings,
+            max_new_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            # choices of one request differ, yet the whole request stays reproducible with a seed
+            seed=None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1),
+            stop=self.stop,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] = Field(description="A prompt, or a list of prompts (one set of choices each).")
+    max_tokens: int | None = Field(default=16, ge=1, description="OpenAI's default is 16.")
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def _refuse(self) -> list[tuple[str, str]]:
+        refused = super()._refuse()
+        if self.echo:
+            refused.append(("echo", "`echo` is not supported"))
+        if self.logprobs is not None:
+            refused.append(("logprobs", "`logprobs` is not supported"))
+        if self.best_of not in (None, 1):
+            refused.append(("best_of", "`best_of` other than 1 is not supported"))
+        if self.suffix:
+            refused.append(("suffix", "`suffix` is not supported"))
+        return refused
+
+    @property
+    def prompts(self) -> list[str]:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if not prompts or any(not isinstance(p, str) or not p or len(p) > MAX_PROMPT_CHARS for p in prompts):
+            raise InvalidRequestError("`prompt` must be a non-empty string or a list of them", param="prompt")
+        return prompts
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(description="Text, or a list of text parts (no images).")
+    name: str | None = None
+
+    def as_message(self) -> ChatMessage:
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        # `developer` is OpenAI's newer name for the system role
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="OpenAI's newer name for max_tokens.")
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def _refuse(self) -> list[tuple[str, str]]:
+        refused = super()._refuse()
+        if self.logprobs or self.top_logprobs:
+            refused.append(("logprobs", "`logprobs` is not supported"))
+        if self.response_format and self.response_format.get("type") != "text":
+            refused.append(("response_format", 'only `response_format` {"type": "text"} is supported'))
+        if self.tools or self.tool_choice not in (None, "none"):
+            refused.append(("tools", "tools and function calling are not supported"))
+        return refused
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def chat_messages(self) -> list[ChatMessage]:
+        return [message.as_message() for message in self.messages]
+
+
+# ----- responses ---------------------------------------------------------------------------------------------------
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: OpenAIUsage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: OpenAIUsage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: OpenAIUsage | None = None
