@@ -8,19 +8,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 
 import gradio as gr
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
+from api.auth import playground_auth, require_api_key
 from api.errors import install_error_handlers
+from api.health import router as health_router
+from api.metrics import HttpMetricsMiddleware, Metrics
 from api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from api.openai import router as openai_router
 from api.routes import router
 from inference import __version__
-from inference.engine import Engine
+from inference.engine import Engine, EngineState
 from inference.settings import Settings, get_settings
 from ui import build_ui
 from ui.handlers import Handlers
@@ -35,28 +42,47 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The model loads in the background: the server answers at once, /health says 503 until it is ready.
-        loading = asyncio.get_running_loop().run_in_executor(None, _start_engine, engine)
+        loading = None
+        if engine.state is EngineState.STARTING:
+            loading = asyncio.get_running_loop().run_in_executor(None, _start_engine, engine)
         yield
         engine.shutdown()
-        if loading.done():
+        if loading is not None and loading.done():
             loading.result()
 
     app = FastAPI(
         title="LLM serving",
         version=__version__,
-        description="A small Hugging Face model behind a Gradio playground, named Gradio endpoints and REST routes.",
+        description="A small Hugging Face model behind a Gradio playground, named Gradio endpoints, REST routes and "
+        "an OpenAI-compatible API.",
         lifespan=lifespan,
     )
     app.state.engine = engine
     app.state.settings = settings
+    app.state.metrics = Metrics(engine)
     app.state.ui_handlers = Handlers(engine, settings)
     install_error_handlers(app)
+    # Added innermost first: request ids and metrics see every request, even one refused for its size.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)
-    app.include_router(router)
-    app.include_router(openai_router)
+    app.include_router(health_router)
+    protected = [Depends(require_api_key)]
+    app.include_router(router, dependencies=protected)
+    app.include_router(openai_router, dependencies=protected)
     # Mounted last: routes added after a mount at "/" would be shadowed by it.
-    return gr.mount_gradio_app(app, build_ui(engine, settings, app.state.ui_handlers), path="/", show_error=True)
+    return gr.mount_gradio_app(
+        app,
+        build_ui(engine, settings, app.state.ui_handlers),
+        path="/",
+        show_error=True,
+        auth=playground_auth(settings),
+        auth_message="This server needs its API key: any user name, the key as password.",
+    )
 
 
 def _start_engine(engine: Engine) -> None:
@@ -65,13 +91,41 @@ def _start_engine(engine: Engine) -> None:
         engine.start()
 
 
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM or Ctrl-C: refuse new requests first (503), then let uvicorn finish the running ones within
+    SHUTDOWN_GRACE_S; the lifespan's shutdown cancels whatever is left."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            self.engine.drain()
+        super().handle_exit(sig, frame)
+
+
 def main() -> None:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = Engine(settings)
+    if settings.exit_on_load_failure:
+        try:
+            engine.start()
+        except Exception:
+            sys.exit(f"The model failed to load, so the server is not starting: {engine.failure}")
+    app = create_app(settings, engine)
     logger.info(
         "Serving on http://%s:%d (playground at /, API docs at /docs)", settings.server_name, settings.server_port
     )
-    uvicorn.run(create_app(settings), host=settings.server_name, port=settings.server_port, log_level="warning")
+    config = uvicorn.Config(
+        app,
+        host=settings.server_name,
+        port=settings.server_port,
+        log_level="warning",
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+    )
+    DrainingServer(config, engine).run()
 
 
 if __name__ == "__main__":

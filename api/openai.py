@@ -7,11 +7,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.sse import EventSourceResponse
 
 from api.errors import ERROR_RESPONSES
-from api.routes import EngineDep, SettingsDep, request_id
+from api.routes import EngineDep, SettingsDep, request_id, timing_headers
 from api.sse import sse_response
 from inference.engine import Engine, GenerationResult, PreparedPrompt, RequestHandle, TextChunk
 from inference.errors import EngineError, UnknownModelError
@@ -125,7 +125,7 @@ async def list_models(settings: SettingsDep) -> ModelList:
 
 @router.post("/completions", response_model=Completion, responses=RESPONSES)
 async def completions(
-    body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep
+    body: CompletionRequest, request: Request, response: Response, engine: EngineDep, settings: SettingsDep
 ) -> Completion | EventSourceResponse:
     """OpenAI text completion: plain prompts, no chat template."""
     check_model(body, settings)
@@ -141,6 +141,7 @@ async def completions(
 
     if not body.stream:
         results = await results_of(handles)
+        response.headers.update(timing_headers(results))
         choices = [
             CompletionChoice(index=i, text=r.text, finish_reason=OPENAI_FINISH_REASONS[r.finish_reason])
             for i, r in enumerate(results)
@@ -171,7 +172,7 @@ async def completions(
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=RESPONSES)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep
+    body: ChatCompletionRequest, request: Request, response: Response, engine: EngineDep, settings: SettingsDep
 ) -> ChatCompletion | EventSourceResponse:
     """OpenAI chat completion, with the model's chat template (or a plain transcript for base models)."""
     check_model(body, settings)
@@ -187,6 +188,7 @@ async def chat_completions(
 
     if not body.stream:
         results = await results_of(handles)
+        response.headers.update(timing_headers(results))
         choices = [
             ChatChoice(
                 index=i, message=AssistantMessage(content=r.text), finish_reason=OPENAI_FINISH_REASONS[r.finish_reason]

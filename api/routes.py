@@ -6,19 +6,17 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.sse import EventSourceResponse
 
 from api.errors import ERROR_RESPONSES
 from api.sse import sse_response
-from inference.engine import Engine, EngineState, GenerationResult, TextChunk
+from inference.engine import Engine, GenerationResult, TextChunk
 from inference.errors import InvalidRequestError
 from inference.prompts import ChatMessage
 from inference.schemas import (
     GenerateRequest,
     GenerateResponse,
-    HealthResponse,
     ModelInfo,
     StreamDone,
     StreamText,
@@ -50,24 +48,6 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-@router.get(
-    "/health",
-    response_model=HealthResponse,
-    responses={503: {"model": HealthResponse, "description": "Loading, failed to load, or shutting down."}},
-    tags=["service"],
-)
-async def health(engine: EngineDep) -> JSONResponse:
-    """200 once the model is ready to serve; 503 with the reason while it loads or if loading failed."""
-    reason = None
-    if engine.state is EngineState.FAILED:
-        reason = engine.failure
-    elif engine.state is not EngineState.READY:
-        reason = f"The model is {engine.state.value}."
-    status = "ok" if engine.state is EngineState.READY else engine.state.value
-    body = HealthResponse(status=status, model_id=engine.settings.model_id, reason=reason)
-    return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
-
-
 @router.get("/model-info", response_model=ModelInfo, responses={503: ERROR_RESPONSES[503]}, tags=["service"])
 async def model_info(engine: EngineDep) -> ModelInfo:
     """The model, where it came from, its size and context, and the limits this server enforces."""
@@ -95,6 +75,19 @@ def to_response(result: GenerationResult, model: str) -> GenerateResponse:
     )
 
 
+def timing_headers(results: list[GenerationResult]) -> dict[str, str]:
+    """TGI-style timing headers (for several choices: the slowest one's times, all choices' tokens)."""
+    generated = sum(result.completion_tokens for result in results)
+    inference = max(result.generation_seconds for result in results)
+    return {
+        "x-queue-time": f"{max(result.queue_seconds for result in results):.4f}",
+        "x-inference-time": f"{inference:.4f}",
+        "x-time-per-token": f"{inference / max(1, max(r.completion_tokens for r in results)):.4f}",
+        "x-prompt-tokens": str(results[0].prompt_tokens),
+        "x-generated-tokens": str(generated),
+    }
+
+
 STREAM_DESCRIPTION = (
     'With `"stream": true`: server-sent events, `data: {"type": "text", "text", "completion_tokens"}` for each new '
     'piece of text, then `data: {"type": "done", ...}` with the whole response (as without streaming); an error after '
@@ -112,14 +105,16 @@ STREAM_DESCRIPTION = (
     tags=["generation"],
 )
 async def generate(
-    body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep
+    body: GenerateRequest, request: Request, response: Response, engine: EngineDep, settings: SettingsDep
 ) -> GenerateResponse | EventSourceResponse:
     """Continue `prompt` as plain text (no chat template) with the given sampling parameters."""
     params = body.sampling_params(settings)
     prompt = await asyncio.to_thread(engine.prepare_completion, body.prompt)
     handle = engine.submit(prompt, params, request_id=request_id(request), route="/generate")
     if not body.stream:
-        return to_response(await handle.result(), settings.model_id)
+        result = await handle.result()
+        response.headers.update(timing_headers([result]))
+        return to_response(result, settings.model_id)
 
     async def events() -> AsyncIterator[StreamText | StreamDone]:
         async for event in handle.events():

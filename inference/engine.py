@@ -52,6 +52,7 @@ class EngineState(enum.Enum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+    DRAINING = "draining"  # shutting down: running requests finish, new ones are refused
     STOPPED = "stopped"
 
 
@@ -177,6 +178,8 @@ class Engine:
         self.loaded: LoadedModel | None = None
         self.formatter: PromptFormatter | None = None
         self.stats = EngineStats()
+        # Called from the scheduler thread at the end of every accepted request: (route, status, result or None).
+        self.observers: list[Callable[[str, str, GenerationResult | None], None]] = []
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
         self._batch = batching.RunningBatch(settings.max_batch_size)
@@ -210,6 +213,16 @@ class Engine:
         self._thread.start()
         self.state = EngineState.READY
 
+    def drain(self) -> None:
+        """Refuse new requests from now on; those already accepted keep running (see `shutdown`)."""
+        if self.state is EngineState.READY:
+            self.state = EngineState.DRAINING
+            logger.info("Draining: %d running, %d waiting", len(self._running), len(self._waiting))
+
+    @property
+    def idle(self) -> bool:
+        return not self._running and not self._waiting
+
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Stop the scheduler; requests still in the engine get NotReadyError."""
         with self._wakeup:
@@ -218,7 +231,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout_s)
         for sequence in [*self._waiting, *self._running]:
-            sequence.deliver(NotReadyError("The server is shutting down."))
+            self._fail(sequence, NotReadyError("The server shut down before this request finished."))
         self._waiting.clear()
         self._running.clear()
         self.state = EngineState.STOPPED
@@ -244,7 +257,9 @@ class Engine:
         return int(self.loaded.tokenizer.pad_token_id)
 
     def _require_ready(self) -> tuple[LoadedModel, PromptFormatter]:
-        if self.state is not EngineState.READY or self.loaded is None or self.formatter is None:
+        """The model and formatter, while the engine serves (or drains: info and tokenizing still work then)."""
+        usable = self.state in (EngineState.READY, EngineState.DRAINING)
+        if not usable or self.loaded is None or self.formatter is None:
             reason = self.failure or f"the model is {self.state.value}"
             raise NotReadyError(f"The model is not ready: {reason}.")
         return self.loaded, self.formatter
@@ -328,6 +343,8 @@ class Engine:
                 max_batch_tokens=settings.max_batch_tokens,
                 max_queue_size=settings.max_queue_size,
                 max_stop_sequences=settings.max_stop_sequences,
+                max_stop_length=settings.max_stop_length,
+                max_n=settings.max_n,
                 max_body_bytes=settings.max_body_bytes,
                 request_timeout_s=settings.request_timeout_s,
             ),
@@ -336,7 +353,7 @@ class Engine:
 
     def snapshot(self) -> dict[str, int]:
         """Live figures: how many requests run and wait, and the current batch size."""
-        return {"running": len(self._running), "waiting": len(self._waiting)}
+        return {"running": len(self._running), "waiting": len(self._waiting), "batch": self._batch.size}
 
     # ----- submission -----------------------------------------------------------------------------------------------
 
@@ -350,6 +367,8 @@ class Engine:
         route: str,
     ) -> _Sequence:
         self._require_ready()
+        if self.state is EngineState.DRAINING:
+            raise NotReadyError("The server is shutting down and takes no new requests.")
         self._check_lengths(len(prompt.token_ids), params)
         if prompt.extra_stops:
             params = _with_stops(params, prompt.extra_stops)
@@ -567,6 +586,12 @@ class Engine:
         self._log(sequence, f"error:{error.type}")
 
     def _log(self, sequence: _Sequence, status: str, result: GenerationResult | None = None) -> None:
+        """Each request's one log line, and its end told to the observers (metrics)."""
+        for observer in self.observers:
+            try:
+                observer(sequence.route, status, result)
+            except Exception:  # an observer's bug must not take the scheduler down
+                logger.exception("Request observer failed")
         if result is None:
             logger.info(
                 "request id=%s route=%s prompt_tokens=%d generated_tokens=%d status=%s",

@@ -92,7 +92,7 @@ class ErrorResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "loading", "failed", "starting", "stopped"]
+    status: Literal["ok", "loading", "failed", "starting", "draining", "stopped"]
     model_id: str
     reason: str | None = None
 
@@ -104,6 +104,8 @@ class ServerLimits(BaseModel):
     max_batch_tokens: int
     max_queue_size: int
     max_stop_sequences: int
+    max_stop_length: int
+    max_n: int
     max_body_bytes: int
     request_timeout_s: float
 

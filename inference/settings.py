@@ -5,12 +5,13 @@ This is the only place that reads the environment; everything else receives a `S
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -52,6 +53,15 @@ class Settings(BaseSettings):
     max_stop_length: int = Field(default=64, ge=1, le=1024)
     # Largest request body accepted, in bytes (413 beyond).
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    # When set, the REST and OpenAI routes need `Authorization: Bearer <key>` and the playground asks for it too
+    # (any user name); the health probes and /metrics stay open.
+    api_key: SecretStr | None = None
+    # Origins allowed to call the API from a browser (CORS), comma-separated or a JSON list; none by default.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # On SIGTERM: stop taking requests, give running ones this long to finish, then cancel what is left and exit.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # If the model fails to load: exit with the reason (true), or keep serving /health with it as a 503 (false).
+    exit_on_load_failure: bool = False
     # Python logging level.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -66,6 +76,16 @@ class Settings(BaseSettings):
     default_top_p: float = Field(default=0.95, gt=0, le=1)
     default_top_k: int = Field(default=50, ge=0)
     default_max_new_tokens: int = Field(default=128, ge=1)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [origin.strip() for origin in text.split(",") if origin.strip()]
+        return value
 
 
 @lru_cache

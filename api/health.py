@@ -1,0 +1,52 @@
+"""Probes and metrics: always open (no API key), cheap, and answered while the model generates."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from api.routes import EngineDep
+from inference.engine import Engine, EngineState
+from inference.schemas import HealthResponse
+
+router = APIRouter(tags=["service"])
+NOT_READY = {503: {"model": HealthResponse, "description": "Loading, failed to load, or shutting down."}}
+
+
+def health_body(engine: Engine) -> tuple[HealthResponse, int]:
+    ready = engine.state is EngineState.READY
+    if engine.state is EngineState.FAILED:
+        reason = engine.failure
+    elif engine.state is EngineState.DRAINING:
+        reason = "The server is shutting down."
+    else:
+        reason = None if ready else f"The model is {engine.state.value}."
+    status = "ok" if ready else engine.state.value
+    return HealthResponse(status=status, model_id=engine.settings.model_id, reason=reason), 200 if ready else 503
+
+
+@router.get("/health", response_model=HealthResponse, responses=NOT_READY)
+async def health(engine: EngineDep) -> JSONResponse:
+    """200 once the model is ready to serve; 503 with the reason while it loads, if loading failed, or while
+    shutting down."""
+    body, status = health_body(engine)
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+@router.get("/health/ready", response_model=HealthResponse, responses=NOT_READY)
+async def ready(engine: EngineDep) -> JSONResponse:
+    """Readiness probe: the model is loaded and the server is not draining (same answer as /health)."""
+    body, status = health_body(engine)
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+@router.get("/health/live")
+async def live() -> dict[str, str]:
+    """Liveness probe: the process is up and its event loop answers, whatever the model is doing."""
+    return {"status": "alive"}
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics, in the text exposition format."""
+    return request.app.state.metrics.render(request)  # type: ignore[no-any-return]
