@@ -29,7 +29,7 @@ from api.routes import router
 from inference import __version__
 from inference.engine import Engine, EngineState
 from inference.settings import Settings, get_settings
-from ui import build_ui
+from ui import CSS, THEME, build_ui
 from ui.handlers import Handlers
 
 logger = logging.getLogger("app")
@@ -80,6 +80,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         build_ui(engine, settings, app.state.ui_handlers),
         path="/",
         show_error=True,
+        theme=THEME,
+        css=CSS,
         auth=playground_auth(settings),
         auth_message="This server needs its API key: any user name, the key as password.",
     )
@@ -103,6 +105,9 @@ class DrainingServer(uvicorn.Server):
         if sig in (signal.SIGTERM, signal.SIGINT):
             self.engine.drain()
         super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal after its graceful shutdown, so the process would die "by SIGTERM" (exit
+        # -15); a drained shutdown is a clean one, and orchestrators expect exit code 0 for it.
+        self._captured_signals.clear()
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from inference.settings import Settings
 
 # Upper bounds that no sensible request exceeds; they keep huge numbers from reaching torch.
 MAX_TEMPERATURE = 2.0
+MIN_SAMPLING_TEMPERATURE = 1e-4
 MAX_TOP_K = 1000
 MAX_REPETITION_PENALTY = 10.0
 MAX_SEED = 2**63 - 1
@@ -33,7 +34,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below this, sampling is greedy anyway, and dividing by it would overflow in float32
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
 
 def _number(name: str, value: object, low: float, high: float, *, integer: bool = False) -> float:

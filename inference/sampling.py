@@ -14,6 +14,8 @@ import torch
 from inference.params import MAX_TOP_K, SamplingParams
 
 MAX_CANDIDATES = MAX_TOP_K
+# Logits are kept within ±this, so arithmetic on them stays finite.
+FINITE_LIMIT = 1e30
 
 
 @dataclass
@@ -67,6 +69,8 @@ def sample_next_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int
     logits = logits.float()
     apply_repetition_penalty(logits, rows)
     apply_presence_and_frequency_penalties(logits, rows)
+    # extreme but valid values (a penalty near 0 divides by it) must not turn into inf or NaN further on
+    logits = torch.nan_to_num(logits, nan=-FINITE_LIMIT, posinf=FINITE_LIMIT, neginf=-FINITE_LIMIT)
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     if sampled:
@@ -83,13 +87,16 @@ def _sample_rows(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
     ranks = torch.arange(values.shape[-1], device=values.device)
     limits = torch.tensor(row_k, device=values.device).unsqueeze(1)
     values = values.masked_fill(ranks >= limits, float("-inf"))
-    # 3. scale by each row's temperature and turn into probabilities
+    # 3. scale by each row's temperature and turn into probabilities; measured from the best candidate, so even a
+    #    vanishing temperature gives 0 for it and -inf for the rest (greedy), never inf/inf
     temperatures = torch.tensor([row.params.temperature for row in rows], device=values.device).unsqueeze(1)
-    probs = torch.softmax(values / temperatures, dim=-1)
+    probs = torch.softmax((values - values[:, :1]) / temperatures, dim=-1)
     # 4. top-p: keep the smallest prefix whose mass reaches top_p (the first candidate always stays)
     top_p = torch.tensor([row.params.top_p for row in rows], device=values.device).unsqueeze(1)
     mass_before = probs.cumsum(dim=-1) - probs
-    probs = probs.masked_fill(mass_before >= top_p, 0.0)
+    beyond = mass_before >= top_p
+    beyond[:, 0] = False  # even a top_p that rounds to 0 in float32
+    probs = probs.masked_fill(beyond, 0.0)
     probs = probs / probs.sum(dim=-1, keepdim=True)
     # 5. draw one uniform number per row from the row's own generator, so a seed gives the same text in any batch
     draws = torch.stack([torch.rand((), generator=row.generator) for row in rows]).to(values.device)

@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny random GPT-2 and Llama models saved to disk, settings for them, and running engines."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# The hub is unreachable here and in CI; make sure nothing tries it. Set before transformers is imported anywhere.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from inference.engine import Engine
+from inference.settings import Settings
+from tests.tiny_models import build_tiny_model
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer GPT-2 with a byte-level BPE: no pad token, no chat template, eos `<|endoftext|>`."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama with a byte-level BPE: pad `<pad>`, eos `<|im_end|>`, a ChatML chat template."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def make_settings(model_cache_dir: Path) -> SettingsFactory:
+    """`make_settings(folder, **overrides)`: Settings for a tiny model, with one torch thread and a short batch wait."""
+
+    def factory(folder: Path | str, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "model_id": str(folder),
+            "model_cache_dir": model_cache_dir,
+            "torch_threads": 1,
+            "batch_wait_ms": 5,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return factory
+
+
+def _started(settings: Settings) -> Engine:
+    engine = Engine(settings)
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def gpt2_engine(tiny_gpt2_dir: Path, make_settings: SettingsFactory) -> Iterator[Engine]:
+    engine = _started(make_settings(tiny_gpt2_dir))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def llama_engine(tiny_llama_dir: Path, make_settings: SettingsFactory) -> Iterator[Engine]:
+    engine = _started(make_settings(tiny_llama_dir))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def tiny_engine(request: pytest.FixtureRequest) -> Engine:
+    """Each shared tiny engine in turn (tests using it run once per model)."""
+    engine: Engine = request.getfixturevalue(f"{request.param}_engine")
+    return engine
+
+
+@pytest.fixture
+def make_engine(make_settings: SettingsFactory) -> Iterator[Callable[..., Engine]]:
+    """`make_engine(folder, **overrides)`: a started engine with its own settings, shut down after the test."""
+    engines: list[Engine] = []
+
+    def factory(folder: Path | str, **overrides: Any) -> Engine:
+        engine = _started(make_settings(folder, **overrides))
+        engines.append(engine)
+        return engine
+
+    yield factory
+    for engine in engines:
+        engine.shutdown()
