@@ -69,3 +69,13 @@ def test_python_example_runs(server: LiveServer, example: str) -> None:
     with contextlib.redirect_stdout(output):
         exec(compile(as_served(example, server), "README.md", "exec"), {})
     assert output.getvalue().strip()
+
+
+def test_every_setting_is_documented_in_the_settings_table() -> None:
+    from inference.settings import Settings
+
+    text = README.read_text()
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        env_name = alias.choices[0] if alias is not None and hasattr(alias, "choices") else name.upper()
+        assert f"| `{env_name}` |" in text, f"{env_name} is missing from the README's settings table"
