@@ -68,9 +68,11 @@ def submit_all(
             for choice in range(body.n):
                 params = body.sampling_params(settings, max_tokens, choice)
                 handles.append(engine.submit(prompt, params, request_id=request_id(request), route=route))
-    except EngineError:
+    except EngineError as error:
         for handle in handles:
             handle.cancel()
+        if error.param == "max_new_tokens":  # speak the client's language: OpenAI calls it max_tokens
+            error.param, error.message = "max_tokens", error.message.replace("max_new_tokens", "max_tokens")
         raise
     return handles
 
