@@ -1,4 +1,7 @@
-"""The Gradio playground and its named API endpoints (`/generate`, `/chat`)."""
+"""The Gradio playground and its named API endpoints (`/generate`, `/chat`).
+
+`THEME` and `CSS` go to `gr.mount_gradio_app` (app.py): the mount ignores those given to `gr.Blocks`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,9 @@ from inference.engine import Engine
 from inference.settings import Settings
 from ui.events import wire
 from ui.handlers import Handlers
-from ui.layout import draw
+from ui.layout import CSS, THEME, draw
+
+__all__ = ["CSS", "THEME", "build_ui"]
 
 
 def build_ui(engine: Engine, settings: Settings, handlers: Handlers | None = None) -> gr.Blocks:
@@ -16,6 +21,12 @@ def build_ui(engine: Engine, settings: Settings, handlers: Handlers | None = Non
     with gr.Blocks(title="LLM playground") as demo:
         playground = draw(settings)
         wire(playground, handlers, settings)
-        demo.load(handlers.model_info, None, playground.model_info, api_visibility="private", queue=False)
+        demo.load(
+            handlers.model_info,
+            None,
+            [playground.model_info, playground.model_info_json],
+            api_visibility="private",
+            queue=False,
+        )
     demo.queue(max_size=settings.max_queue_size, default_concurrency_limit=settings.max_batch_size)
     return demo

@@ -1,8 +1,16 @@
-"""Wiring the playground: every public event has a name; helpers are private; concurrency is set on purpose."""
+"""Wiring the playground: every public event has a name; helpers are private; concurrency is set on purpose.
+
+Public: `/generate` (batched completion) and `/chat` (streaming reply). Everything else is the playground's own and
+`api_visibility="private"`. Quick bookkeeping steps (adding a message, undo, presets) skip the queue; whatever runs
+the model goes through it, so Gradio shows the queue position while a request waits.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import gradio as gr
+from gradio.events import Dependency
 
 from inference.settings import Settings
 from ui.handlers import Handlers
@@ -12,15 +20,18 @@ from ui.layout import Playground
 # gathers in Gradio's queue, and the engine's continuous batching merges them; more would only bypass Gradio's
 # batching without adding throughput (the engine caps the running batch anyway).
 GENERATE_CONCURRENCY = 2
+# Every streaming event (the public /chat, the playground's chat and completion) is one row of the engine's batch:
+# together they may run as many as the batch holds; the rest wait in Gradio's queue, which shows their position.
 CHAT_CONCURRENCY_ID = "chat"
+PRIVATE = "private"
 
 
 def wire(ui: Playground, handlers: Handlers, settings: Settings) -> None:
-    sliders = [ui.temperature, ui.top_p, ui.top_k, ui.max_length]
-    # Each streaming chat is one row of the engine's batch, so as many may run as the batch holds.
-    chat_concurrency = settings.max_batch_size
+    quick: dict[str, Any] = {"api_visibility": PRIVATE, "queue": False}
+    streaming: dict[str, Any] = {"concurrency_limit": settings.max_batch_size, "concurrency_id": CHAT_CONCURRENCY_ID}
 
-    ui.complete.click(
+    # ----- public endpoints ---------------------------------------------------------------------------------------
+    ui.api_generate.click(
         handlers.generate,
         inputs=[ui.prompt, ui.max_length, ui.temperature, ui.top_p, ui.top_k],
         outputs=[ui.completion],
@@ -30,30 +41,77 @@ def wire(ui: Playground, handlers: Handlers, settings: Settings) -> None:
         max_batch_size=settings.max_batch_size,
         concurrency_limit=GENERATE_CONCURRENCY,
     )
-
     gr.api(
         handlers.chat,
         api_name="chat",
         api_description="Stream the assistant's reply to `message` after `history` (a list of role/content messages).",
-        concurrency_limit=chat_concurrency,
-        concurrency_id=CHAT_CONCURRENCY_ID,
+        **streaming,
     )
 
-    submitted = [ui.message.submit, ui.send.click]
-    reply = gr.on(
-        submitted,
-        handlers.add_user_message,
-        inputs=[ui.message, ui.chatbot],
-        outputs=[ui.message, ui.chatbot],
-        api_visibility="private",
-        queue=False,
-    ).success(
-        handlers.respond,
-        inputs=[ui.chatbot, ui.system_prompt, *sliders],
-        outputs=[ui.chatbot],
-        api_visibility="private",
-        concurrency_limit=chat_concurrency,
-        concurrency_id=CHAT_CONCURRENCY_ID,
+    # ----- chat ---------------------------------------------------------------------------------------------------
+    turn_outputs = [ui.message, ui.chatbot, ui.chat_stats]
+
+    def reply_after(start: Dependency) -> Dependency:
+        """Stream the model's reply once `start` has put the user's turn into the conversation."""
+        reply = start.success(
+            handlers.respond,
+            inputs=[ui.chatbot, ui.system_prompt, *ui.sampling],
+            outputs=[ui.chatbot, ui.chat_stats, ui.message],
+            api_visibility=PRIVATE,
+            show_progress="minimal",
+            show_progress_on=[ui.chatbot],
+            **streaming,
+        )
+        # However the reply ended (done, stopped or failed) the box takes input again. Gradio 6.31's page runs `.then`
+        # listeners after success and cancellation but not after an error, hence `.failure` too.
+        ended: dict[str, Any] = {
+            "fn": handlers.reply_ended, "inputs": [ui.chat_stats], "outputs": [ui.message, ui.chat_stats],
+        }  # fmt: skip
+        reply.then(**ended, **quick)
+        reply.failure(**ended, **quick)
+        return reply
+
+    replies = [
+        reply_after(gr.on([ui.message.submit, ui.send.click], handlers.add_user_message,
+                          [ui.message, ui.chatbot], turn_outputs, **quick)),
+        reply_after(gr.on([ui.regenerate.click, ui.chatbot.retry], handlers.regenerate,
+                          [ui.chatbot], turn_outputs, **quick)),
+        reply_after(ui.chatbot.edit(handlers.edit, [ui.chatbot], turn_outputs, **quick)),
+        reply_after(ui.chatbot.example_select(handlers.use_example, [ui.chatbot], turn_outputs, **quick)),
+    ]  # fmt: skip
+    # Cancelling a reply closes the handler's stream, which cancels the request inside the engine: Stop frees the
+    # model at once, and so do Undo and Clear when they interrupt a reply.
+    ui.stop.click(None, None, None, cancels=replies, **quick)
+    gr.on(
+        [ui.undo.click, ui.chatbot.undo], handlers.undo, [ui.chatbot], [ui.chatbot, ui.message, ui.chat_stats],
+        cancels=replies, **quick,
+    )  # fmt: skip
+    gr.on(
+        [ui.clear.click, ui.chatbot.clear], handlers.clear, None, [ui.chatbot, ui.message, ui.chat_stats],
+        cancels=replies, **quick,
+    )  # fmt: skip
+
+    # ----- completion ---------------------------------------------------------------------------------------------
+    completion = ui.complete.click(
+        handlers.complete,
+        inputs=[ui.prompt, *ui.sampling],
+        outputs=[ui.completion, ui.completion_stats],
+        api_visibility=PRIVATE,
+        show_progress="minimal",
+        show_progress_on=[ui.completion],
+        **streaming,
     )
-    # Cancelling the event closes the handler's stream, which cancels the request inside the engine.
-    ui.stop.click(None, None, None, cancels=[reply], api_visibility="private")
+    completion.then(handlers.completion_ended, [ui.completion_stats], [ui.completion_stats], **quick)
+    completion.failure(handlers.completion_ended, [ui.completion_stats], [ui.completion_stats], **quick)
+    ui.stop_completion.click(None, None, None, cancels=[completion], **quick)
+
+    # ----- parameters ---------------------------------------------------------------------------------------------
+    ui.preset.input(handlers.preset, [ui.preset], [ui.temperature, ui.top_p, ui.top_k, ui.repetition_penalty], **quick)
+    # Moving a slider by hand leaves the preset: none is selected any more.
+    gr.on(
+        [slider.input for slider in (ui.temperature, ui.top_p, ui.top_k, ui.repetition_penalty)],
+        handlers.leave_preset, None, [ui.preset], **quick,
+    )  # fmt: skip
+
+    # ----- model panel --------------------------------------------------------------------------------------------
+    ui.refresh_model_info.click(handlers.model_info, None, [ui.model_info, ui.model_info_json], **quick)

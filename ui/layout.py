@@ -1,4 +1,8 @@
-"""Drawing the playground: components only, no events (those are wired in ui/events.py)."""
+"""Drawing the playground: components only, no events (those are wired in ui/events.py).
+
+Every component the tests or the CSS reach has an `elem_id`. The theme uses system fonts only, so the page loads
+nothing from the internet.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +14,75 @@ from inference.params import MAX_REPETITION_PENALTY, MAX_TEMPERATURE
 from inference.settings import Settings
 
 TOP_K_SLIDER_MAX = 200
+REPETITION_PENALTY_SLIDER_MAX = min(2.0, MAX_REPETITION_PENALTY)
+PRESET_NAMES = ("precise", "balanced", "creative")
+EXAMPLES = (
+    "Explain what a large language model is in two sentences.",
+    "Write a haiku about the sea.",
+    "Give me three ideas for a rainy Sunday.",
+    "What is the capital of France?",
+)
+
+# Passed to `gr.mount_gradio_app` (the mount ignores a theme given to `gr.Blocks`).
+THEME = gr.themes.Default(
+    primary_hue="indigo",
+    font=["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"],
+    font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"],
+)
+CSS = """
+.stats { min-height: 1.6em; font-size: var(--text-sm); color: var(--body-text-color-subdued); }
+.stats p { margin: 0; }
+#header p { color: var(--body-text-color-subdued); margin-top: 0; }
+#message_row { align-items: flex-end; }
+#message_row, #chat_actions { flex-wrap: nowrap; }
+#model_info table { width: 100%; }
+@media (max-width: 640px) {
+  .gradio-container { padding-left: 6px !important; padding-right: 6px !important; }
+  #chatbot { height: 360px !important; }
+}
+"""
 
 
 @dataclass
 class Playground:
+    # chat
     chatbot: gr.Chatbot
+    chat_stats: gr.Markdown
     message: gr.Textbox
     send: gr.Button
     stop: gr.Button
-    clear: gr.ClearButton
+    regenerate: gr.Button
+    undo: gr.Button
+    clear: gr.Button
     system_prompt: gr.Textbox
+    # completion
     prompt: gr.Textbox
     complete: gr.Button
+    stop_completion: gr.Button
     completion: gr.Textbox
+    completion_stats: gr.Markdown
+    api_generate: gr.Button
+    # model
+    model_info: gr.Markdown
+    model_info_json: gr.JSON
+    refresh_model_info: gr.Button
+    # parameters
+    preset: gr.Radio
     temperature: gr.Slider
     top_p: gr.Slider
     top_k: gr.Slider
     max_length: gr.Slider
-    model_info: gr.JSON
+    repetition_penalty: gr.Slider
+    seed: gr.Number
+    stop_strings: gr.Textbox
+
+    @property
+    def sampling(self) -> list[gr.components.Component]:
+        """Every sampling input of the playground's chat and completion, in `Handlers.respond`'s order."""
+        return [
+            self.temperature, self.top_p, self.top_k, self.max_length,
+            self.repetition_penalty, self.seed, self.stop_strings,
+        ]  # fmt: skip
 
 
 def draw_parameters(settings: Settings) -> tuple[gr.Slider, gr.Slider, gr.Slider, gr.Slider]:
@@ -35,7 +90,7 @@ def draw_parameters(settings: Settings) -> tuple[gr.Slider, gr.Slider, gr.Slider
         0, MAX_TEMPERATURE, value=settings.default_temperature, step=0.05, label="temperature",
         info="0 = greedy (always the likeliest token)", elem_id="temperature",
     )  # fmt: skip
-    top_p = gr.Slider(0.05, 1, value=settings.default_top_p, step=0.05, label="top_p", elem_id="top_p")
+    top_p = gr.Slider(0.05, 1, value=settings.default_top_p, step=0.01, label="top_p", info="1 = off", elem_id="top_p")
     top_k = gr.Slider(
         0, TOP_K_SLIDER_MAX, value=min(settings.default_top_k, TOP_K_SLIDER_MAX), step=1, label="top_k",
         info="0 = off", elem_id="top_k",
@@ -47,33 +102,83 @@ def draw_parameters(settings: Settings) -> tuple[gr.Slider, gr.Slider, gr.Slider
     return temperature, top_p, top_k, max_length
 
 
+def draw_advanced(settings: Settings) -> tuple[gr.Slider, gr.Number, gr.Textbox]:
+    repetition_penalty = gr.Slider(
+        0.5, REPETITION_PENALTY_SLIDER_MAX, value=1.0, step=0.05, label="repetition penalty",
+        info="1 = off; above 1 discourages repeating tokens", elem_id="repetition_penalty",
+    )  # fmt: skip
+    seed = gr.Number(
+        value=None, precision=0, minimum=0, label="seed", placeholder="random",
+        info="empty = random; a seed makes sampling repeatable", elem_id="seed",
+    )  # fmt: skip
+    stop_strings = gr.Textbox(
+        label="stop strings", lines=2, max_lines=settings.max_stop_sequences or 1, elem_id="stop_strings",
+        info=f"one per line, at most {settings.max_stop_sequences}; type \\n for a newline",
+    )  # fmt: skip
+    return repetition_penalty, seed, stop_strings
+
+
 def draw(settings: Settings) -> Playground:
-    gr.Markdown(f"# LLM playground\nServing `{settings.model_id}` · API: `/generate`, `/chat`, REST and `/docs`")
+    gr.Markdown(
+        f"# LLM playground\nServing `{settings.model_id}` · API: `/generate`, `/chat`, REST and `/docs`",
+        elem_id="header",
+    )
     with gr.Row(equal_height=False):
-        with gr.Column(scale=3):
-            with gr.Tab("Chat"):
-                chatbot = gr.Chatbot(label="Conversation", height=420, buttons=["copy"], elem_id="chatbot")
-                message = gr.Textbox(
-                    placeholder="Message the model (Enter to send)", show_label=False, lines=1, elem_id="message"
-                )
+        with gr.Column(scale=3, min_width=320):
+            with gr.Tab("Chat", elem_id="chat_tab"):
+                chatbot = gr.Chatbot(
+                    label="Conversation", show_label=False, height=460, buttons=["copy", "copy_all"],
+                    editable="user", examples=[{"text": text} for text in EXAMPLES], elem_id="chatbot",
+                    placeholder="**Chat with the model.** Pick an example or type below; replies stream in.",
+                )  # fmt: skip
+                chat_stats = gr.Markdown(elem_id="chat_stats", elem_classes="stats")
+                with gr.Row(elem_id="message_row"):
+                    message = gr.Textbox(
+                        placeholder="Type a message (Enter sends, Shift+Enter: new line)",
+                        show_label=False, lines=1, max_lines=8, scale=6, min_width=120, container=False,
+                        elem_id="message",
+                    )  # fmt: skip
+                    send = gr.Button("Send", variant="primary", scale=1, min_width=64, elem_id="send")
+                    stop = gr.Button("Stop", variant="stop", scale=1, min_width=64, elem_id="stop")
+                with gr.Row(elem_id="chat_actions"):
+                    regenerate = gr.Button("↻ Regenerate", size="sm", min_width=0, elem_id="regenerate")
+                    undo = gr.Button("↶ Undo", size="sm", min_width=0, elem_id="undo")
+                    clear = gr.Button("✕ Clear", size="sm", min_width=0, elem_id="clear")
+                system_prompt = gr.Textbox(
+                    label="System prompt", lines=2, placeholder="e.g. You are a helpful assistant. Answer briefly.",
+                    elem_id="system_prompt",
+                )  # fmt: skip
+            with gr.Tab("Completion", elem_id="completion_tab"):
+                prompt = gr.Textbox(
+                    label="Prompt", lines=6, placeholder="Text for the model to continue (no chat template)",
+                    elem_id="prompt",
+                )  # fmt: skip
                 with gr.Row():
-                    send = gr.Button("Send", variant="primary", elem_id="send")
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
-                    clear = gr.ClearButton([message, chatbot], value="Clear", elem_id="clear")
-                system_prompt = gr.Textbox(label="System prompt", lines=2, elem_id="system_prompt")
-            with gr.Tab("Completion"):
-                prompt = gr.Textbox(label="Prompt", lines=6, elem_id="prompt")
-                complete = gr.Button("Generate", variant="primary", elem_id="generate")
-                completion = gr.Textbox(label="Completion", lines=8, elem_id="completion")
-            with gr.Tab("Model"):
-                model_info = gr.JSON(label="/model-info", elem_id="model_info")
-        with gr.Column(scale=1, min_width=240):
+                    complete = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop_completion = gr.Button("Stop", variant="stop", elem_id="stop_completion")
+                completion = gr.Textbox(label="Completion", lines=8, buttons=["copy"], elem_id="completion")
+                completion_stats = gr.Markdown(elem_id="completion_stats", elem_classes="stats")
+                # What the public, batched `/generate` endpoint hangs on: the box above streams through its own event.
+                api_generate = gr.Button(visible=False, elem_id="api_generate")
+            with gr.Tab("Model", elem_id="model_tab"):
+                model_info = gr.Markdown("Loading…", elem_id="model_info")
+                refresh_model_info = gr.Button("Refresh", size="sm", elem_id="refresh_model_info")
+                with gr.Accordion("Raw /model-info", open=False):
+                    model_info_json = gr.JSON(show_label=False, elem_id="model_info_json")
+        with gr.Column(scale=1, min_width=260):
             gr.Markdown("### Parameters")
+            preset = gr.Radio(
+                list(PRESET_NAMES), value="balanced", label="Preset", info="sets the sliders below",
+                elem_id="preset",
+            )  # fmt: skip
             temperature, top_p, top_k, max_length = draw_parameters(settings)
-            gr.Markdown(
-                f"repetition penalty up to {MAX_REPETITION_PENALTY:g}, seed and stop strings: see the REST API."
-            )
+            with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                repetition_penalty, seed, stop_strings = draw_advanced(settings)
     return Playground(
-        chatbot, message, send, stop, clear, system_prompt, prompt, complete, completion,
-        temperature, top_p, top_k, max_length, model_info,
+        chatbot=chatbot, chat_stats=chat_stats, message=message, send=send, stop=stop, regenerate=regenerate,
+        undo=undo, clear=clear, system_prompt=system_prompt, prompt=prompt, complete=complete,
+        stop_completion=stop_completion, completion=completion, completion_stats=completion_stats,
+        api_generate=api_generate, model_info=model_info, model_info_json=model_info_json,
+        refresh_model_info=refresh_model_info, preset=preset, temperature=temperature, top_p=top_p, top_k=top_k,
+        max_length=max_length, repetition_penalty=repetition_penalty, seed=seed, stop_strings=stop_strings,
     )  # fmt: skip
