@@ -196,10 +196,7 @@ class Engine:
         """Load the model (blocking: call it from a start-up thread), warm it up and start the scheduler."""
         self.state = EngineState.LOADING
         try:
-            if self.settings.torch_threads:
-                torch.set_num_threads(self.settings.torch_threads)
-            else:
-                torch.set_num_threads(os.cpu_count() or 1)
+            torch.set_num_threads(self._threads)
             self.loaded = self._loader(self.settings)
             self.formatter = PromptFormatter(self.loaded.tokenizer)
             self._eos_ids = _eos_token_ids(self.loaded)
@@ -415,7 +412,13 @@ class Engine:
 
     # ----- the scheduler thread -----------------------------------------------------------------------------------
 
+    @property
+    def _threads(self) -> int:
+        return self.settings.torch_threads or os.cpu_count() or 1
+
     def _run(self) -> None:
+        # OpenMP's thread count is per calling thread: set it here too, or this thread decodes on one core
+        torch.set_num_threads(self._threads)
         while not self._stopping:
             try:
                 self._step()
