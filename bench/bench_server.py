@@ -144,7 +144,10 @@ class Server:
         self.name = name
         self.port = free_port()
         environment = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(self.port)}
-        environment.update({"LOG_LEVEL": "WARNING", "GRADIO_ANALYTICS_ENABLED": "False", **env})
+        # a generous timeout: the one-at-a-time baseline keeps requests waiting for minutes, and a 504 would drop them
+        environment.update(
+            {"LOG_LEVEL": "WARNING", "GRADIO_ANALYTICS_ENABLED": "False", "REQUEST_TIMEOUT_S": "1800", **env}
+        )
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "app.py")], env=environment, cwd=ROOT, stdout=subprocess.DEVNULL
         )

@@ -193,22 +193,24 @@ class Engine:
     # ----- life cycle -------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load the model (blocking: call it from a start-up thread), warm it up and start the scheduler."""
+        """Start the scheduler thread, which loads the model and warms it up; block until it is ready (or raise
+        what made loading fail). Call it from a start-up thread."""
         self.state = EngineState.LOADING
-        try:
-            torch.set_num_threads(self._threads)
-            self.loaded = self._loader(self.settings)
-            self.formatter = PromptFormatter(self.loaded.tokenizer)
-            self._eos_ids = _eos_token_ids(self.loaded)
-            self._warm_up()
-        except Exception as exc:
-            self.state = EngineState.FAILED
-            self.failure = exc.message if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
-            logger.error("Model failed to load: %s", self.failure)
-            raise
-        self._thread = threading.Thread(target=self._run, name="engine-scheduler", daemon=True)
+        loaded = threading.Event()
+        failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, args=(loaded, failure), name="engine-scheduler", daemon=True)
         self._thread.start()
+        loaded.wait()
+        if failure:
+            raise failure[0]
         self.state = EngineState.READY
+
+    def _load(self) -> None:
+        torch.set_num_threads(self._threads)
+        self.loaded = self._loader(self.settings)
+        self.formatter = PromptFormatter(self.loaded.tokenizer)
+        self._eos_ids = _eos_token_ids(self.loaded)
+        self._warm_up()
 
     def drain(self) -> None:
         """Refuse new requests from now on; those already accepted keep running (see `shutdown`)."""
@@ -416,9 +418,19 @@ class Engine:
     def _threads(self) -> int:
         return self.settings.torch_threads or os.cpu_count() or 1
 
-    def _run(self) -> None:
-        # OpenMP's thread count is per calling thread: set it here too, or this thread decodes on one core
-        torch.set_num_threads(self._threads)
+    def _run(self, loaded: threading.Event, failure: list[BaseException]) -> None:
+        # All torch work happens on this one thread, loading included: a second thread running torch ops gets an
+        # OpenMP team of its own, and two teams on 2 cores slowed batch-1 decoding from ~29 to ~17 tokens/s here.
+        try:
+            self._load()
+        except Exception as exc:
+            self.state = EngineState.FAILED
+            self.failure = exc.message if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+            logger.error("Model failed to load: %s", self.failure)
+            failure.append(exc)
+            return
+        finally:
+            loaded.set()
         while not self._stopping:
             try:
                 self._step()
@@ -448,14 +460,15 @@ class Engine:
                 while len(self._waiting) < self.settings.max_batch_size and time.monotonic() < deadline:
                     self._wakeup.wait(timeout=max(0.0, deadline - time.monotonic()))
             admitted: list[_Sequence] = []
-            used = sum(sequence.budget for sequence in self._running)
-            room = self.settings.max_batch_size - len(self._running)
-            while self._waiting and len(admitted) < room:
+            rows = len(self._running)
+            # rows are right-aligned in one cache, so it holds rows x (the longest row) slots: budget that, not the sum
+            widest = max((sequence.budget for sequence in self._running), default=0)
+            while self._waiting and rows < self.settings.max_batch_size:
                 candidate = self._waiting[0]
-                if used + candidate.budget > self.settings.max_batch_tokens:
+                if (rows + 1) * max(widest, candidate.budget) > self.settings.max_batch_tokens:
                     break  # first come, first served: later requests don't jump the queue
                 admitted.append(self._waiting.popleft())
-                used += candidate.budget
+                rows, widest = rows + 1, max(widest, candidate.budget)
             return admitted
 
     def _prefill(self, newcomers: list[_Sequence]) -> None:

@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-SPARE_COLUMNS = 128
+SPARE_COLUMNS = 64
 
 
 class SlotLayer(DynamicLayer):  # type: ignore[no-untyped-call]

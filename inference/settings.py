@@ -33,9 +33,9 @@ class Settings(BaseSettings):
 
     # Most sequences decoded together in one step of the running batch.
     max_batch_size: int = Field(default=16, ge=1, le=256)
-    # Prompt plus new tokens of all running sequences together: bounds the KV cache so one long prompt can't take
-    # all the memory.
-    max_batch_tokens: int = Field(default=16384, ge=64)
+    # KV-cache slots of the running batch: rows x the longest row's prompt plus max_new_tokens. Bounds its memory
+    # (SmolLM2 in float32: 46 KB a slot, so 12288 slots are 0.55 GB) so long prompts can't take it all.
+    max_batch_tokens: int = Field(default=12288, ge=64)
     # How long an idle engine waits for companions before it starts a new batch.
     batch_wait_ms: float = Field(default=10.0, ge=0, le=10_000)
     # Requests waiting for a slot; beyond it new requests are refused at once (429 with Retry-After).
