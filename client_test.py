@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -100,6 +101,44 @@ def main() -> int:
         ]
         return "; ".join(result.split(" ", 1)[0] for result in results)
 
+    def probes_and_metrics() -> str:
+        expect(http.get("/health/live").status_code == 200, "live")
+        expect(http.get("/health/ready").status_code == 200, "ready")
+        metrics = http.get("/metrics").text
+        expect("llm_requests_running" in metrics and "llm_generation_tokens_total" in metrics, "metrics names")
+        return "live, ready, /metrics"
+
+    def tokenize() -> str:
+        body = http.post("/tokenize", json={"messages": [{"role": "user", "content": "Hello there"}]}).json()
+        expect(body["count"] == len(body["tokens"]) == len(body["pieces"]) > 0, str(body)[:200])
+        return f"{body['count']} tokens"
+
+    def stream() -> str:
+        events = []
+        request = {"prompt": "Once upon a time", "max_new_tokens": 12, "stream": True, "temperature": 0}
+        with http.stream("POST", "/generate", json=request) as response:
+            expect(response.headers["content-type"].startswith("text/event-stream"), response.headers["content-type"])
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+        expect(events[-1]["type"] == "done", str(events[-1]))
+        joined = "".join(event["text"] for event in events[:-1])
+        expect(joined == events[-1]["generated_text"], f"{joined!r} != {events[-1]['generated_text']!r}")
+        return f"{len(events) - 1} text events, then done"
+
+    def openai_routes() -> str:
+        model = http.get("/v1/models").json()["data"][0]["id"]
+        chat = http.post(
+            "/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
+        ).json()
+        expect(chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"], str(chat)[:200])
+        completion = http.post("/v1/completions", json={"model": model, "prompt": "The sky", "max_tokens": 6}).json()
+        expect(completion["object"] == "text_completion", str(completion)[:200])
+        unknown = http.post("/v1/completions", json={"model": "gpt-nothing", "prompt": "x"})
+        expect_error(unknown, 404)
+        return f"models, chat ({chat['usage']['completion_tokens']} tokens), completions, unknown model 404"
+
     def gradio_generate() -> str:
         client = Client(url + "/", verbose=False)
         text = client.predict("The sky is", 12, 0.0, 0.95, 50, api_name="/generate")
@@ -135,6 +174,10 @@ def main() -> int:
         ("POST /generate seed", seed),
         ("POST /generate stop", stop),
         ("POST /generate bad inputs", bad_inputs),
+        ("POST /generate stream", stream),
+        ("POST /tokenize", tokenize),
+        ("probes and /metrics", probes_and_metrics),
+        ("OpenAI routes", openai_routes),
         ("gradio /generate", gradio_generate),
         ("gradio /chat (streaming)", gradio_chat),
         ("gradio /generate bad input", gradio_bad_input),
