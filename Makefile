@@ -21,8 +21,9 @@ $(VENV)/.runtime-installed: requirements.txt
 
 setup-dev: $(VENV)/.dev-installed
 
-$(VENV)/.dev-installed: $(VENV)/.runtime-installed requirements-dev.txt
+$(VENV)/.dev-installed: $(VENV)/.runtime-installed requirements-dev.txt requirements-ray.txt
 	$(PY) -m pip install -r requirements-dev.txt
+	$(PY) -m pip install -r requirements-ray.txt
 	touch $@
 
 # Converts the bundled SmolLM2 into a plain transformers folder once (about a minute); later starts take seconds.
@@ -46,7 +47,7 @@ test: setup-dev model lint chromium
 
 # Tiny models only, no real model and no browser: seconds, for the edit-test loop.
 test-fast: setup-dev
-	$(OFFLINE) $(PY) -m pytest -m "not real_model and not browser"
+	$(OFFLINE) $(PY) -m pytest -m "not real_model and not browser and not ray"
 
 # The playground in Chromium (about 30 s).
 test-browser: setup-dev model chromium
