@@ -460,6 +460,7 @@ class Engine:
                 while len(self._waiting) < self.settings.max_batch_size and time.monotonic() < deadline:
                     self._wakeup.wait(timeout=max(0.0, deadline - time.monotonic()))
             admitted: list[_Sequence] = []
+            prefill_width = 0
             rows = len(self._running)
             # rows are right-aligned in one cache, so it holds rows x (the longest row) slots: budget that, not the sum
             widest = max((sequence.budget for sequence in self._running), default=0)
@@ -467,8 +468,11 @@ class Engine:
                 candidate = self._waiting[0]
                 if (rows + 1) * max(widest, candidate.budget) > self.settings.max_batch_tokens:
                     break  # first come, first served: later requests don't jump the queue
+                prompt_width = max(prefill_width, len(candidate.prompt_ids))
+                if admitted and (len(admitted) + 1) * prompt_width > self.settings.max_prefill_tokens:
+                    break  # the rest join at a later step: one huge prefill would stall the batch and spike memory
                 admitted.append(self._waiting.popleft())
-                rows, widest = rows + 1, max(widest, candidate.budget)
+                rows, widest, prefill_width = rows + 1, max(widest, candidate.budget), prompt_width
             return admitted
 
     def _prefill(self, newcomers: list[_Sequence]) -> None:

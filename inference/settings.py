@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     # KV-cache slots of the running batch: rows x the longest row's prompt plus max_new_tokens. Bounds its memory
     # (SmolLM2 in float32: 46 KB a slot, so 12288 slots are 0.55 GB) so long prompts can't take it all.
     max_batch_tokens: int = Field(default=12288, ge=64)
+    # Padded prompt tokens prefilled together (at least one request): newcomers beyond it join at a later step, so
+    # a crowd arriving at once neither stalls the running rows for long nor doubles the cache's memory.
+    max_prefill_tokens: int = Field(default=2048, ge=16)
     # How long an idle engine waits for companions before it starts a new batch.
     batch_wait_ms: float = Field(default=10.0, ge=0, le=10_000)
     # Requests waiting for a slot; beyond it new requests are refused at once (429 with Retry-After).

@@ -834,3 +834,20 @@ def test_a_sampling_fault_at_prefill_fails_the_newcomers_instead_of_losing_them(
     assert engine.stats.requests_failed == 2
     assert settles(engine)
     assert run(engine.generate(engine.prepare_completion("Hi"), greedy(engine, 5))).completion_tokens >= 1
+
+
+def test_prefill_token_cap_spreads_a_crowd_over_several_prefills(
+    tiny_gpt2_dir: Path, make_engine: EngineFactory, gpt2_engine: Engine
+) -> None:
+    engine = make_engine(tiny_gpt2_dir, max_prefill_tokens=16, batch_wait_ms=50)
+    prepared = [engine.prepare_completion(text) for text in PROMPTS[2:6]]
+    assert 2 * min(len(p.token_ids) for p in prepared) > 16  # no two of them fit one 16-token prefill
+    params = greedy(engine, 12)
+
+    async def together() -> list[GenerationResult]:
+        return await asyncio.gather(*(engine.generate(p, params) for p in prepared))
+
+    results = run(together())
+    assert engine.stats.prefills >= 4
+    assert engine.stats.largest_batch >= 2  # yet they still decode together
+    assert [r.text for r in results] == [run(gpt2_engine.generate(p, params)).text for p in prepared]
