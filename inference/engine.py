@@ -38,6 +38,7 @@ from inference.errors import (
     RequestTimeoutError,
 )
 from inference.loader import LoadedModel, load_model
+from inference.memory import return_freed_memory_promptly
 from inference.params import SamplingParams
 from inference.prompts import ChatMessage, PromptFormatter
 from inference.sampling import RowSampler, sample_next_tokens
@@ -196,6 +197,7 @@ class Engine:
         """Start the scheduler thread, which loads the model and warms it up; block until it is ready (or raise
         what made loading fail). Call it from a start-up thread."""
         self.state = EngineState.LOADING
+        return_freed_memory_promptly()
         loaded = threading.Event()
         failure: list[BaseException] = []
         self._thread = threading.Thread(target=self._run, args=(loaded, failure), name="engine-scheduler", daemon=True)
