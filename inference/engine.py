@@ -40,7 +40,7 @@ from inference.errors import (
 from inference.loader import LoadedModel, load_model
 from inference.memory import return_freed_memory_promptly
 from inference.params import SamplingParams
-from inference.prompts import ChatMessage, PromptFormatter
+from inference.prompts import ChatMessage, PreparedPrompt, PromptFormatter
 from inference.sampling import RowSampler, sample_next_tokens
 from inference.schemas import ModelInfo, ServerLimits
 from inference.settings import Settings
@@ -80,12 +80,6 @@ class GenerationResult:
     @property
     def tokens_per_second(self) -> float:
         return self.completion_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class PreparedPrompt:
-    token_ids: list[int]
-    extra_stops: tuple[str, ...] = ()
 
 
 _Event = TextChunk | GenerationResult | EngineError
@@ -276,18 +270,13 @@ class Engine:
         return self.settings.max_input_tokens + self.settings.max_new_tokens
 
     def prepare_completion(self, prompt: str) -> PreparedPrompt:
-        _, formatter = self._require_ready()
-        return PreparedPrompt(formatter.encode_completion(prompt))
+        return self._require_ready()[1].prepare_completion(prompt)
 
     def prepare_chat(self, messages: list[ChatMessage]) -> PreparedPrompt:
-        _, formatter = self._require_ready()
-        ids, stops = formatter.encode_chat(messages)
-        return PreparedPrompt(ids, stops)
+        return self._require_ready()[1].prepare_chat(messages)
 
     def token_pieces(self, token_ids: list[int]) -> list[str]:
-        """Each token as the tokenizer spells it (byte-level pieces show spaces as `Ġ`)."""
-        loaded, _ = self._require_ready()
-        return [str(piece) for piece in loaded.tokenizer.convert_ids_to_tokens(token_ids)]
+        return self._require_ready()[1].token_pieces(token_ids)
 
     def submit(
         self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
@@ -370,7 +359,7 @@ class Engine:
         self._require_ready()
         if self.state is EngineState.DRAINING:
             raise NotReadyError("The server is shutting down and takes no new requests.")
-        self._check_lengths(len(prompt.token_ids), params)
+        check_lengths(self.settings, self.context_length, len(prompt.token_ids), params)
         if prompt.extra_stops:
             params = _with_stops(params, prompt.extra_stops)
         now = time.monotonic()
@@ -389,26 +378,6 @@ class Engine:
             self._waiting.append(sequence)
             self._wakeup.notify()
         return sequence
-
-    def _check_lengths(self, prompt_tokens: int, params: SamplingParams) -> None:
-        if prompt_tokens == 0:
-            raise InvalidRequestError("`prompt` cannot be empty", param="prompt")
-        if prompt_tokens > self.settings.max_input_tokens:
-            raise PromptTooLongError(prompt_tokens, self.settings.max_input_tokens)
-        total = prompt_tokens + params.max_new_tokens
-        if total > self.context_length:
-            raise InvalidRequestError(
-                f"The prompt ({prompt_tokens} tokens) plus max_new_tokens ({params.max_new_tokens}) is {total} tokens, "
-                f"more than the model's context length of {self.context_length}. Lower max_new_tokens or shorten "
-                "the prompt.",
-                param="max_new_tokens",
-            )
-        if total > self.settings.max_batch_tokens:
-            raise InvalidRequestError(
-                f"The prompt ({prompt_tokens} tokens) plus max_new_tokens ({params.max_new_tokens}) is {total} tokens, "
-                f"more than this server's batch token budget of {self.settings.max_batch_tokens} (MAX_BATCH_TOKENS).",
-                param="max_new_tokens",
-            )
 
     def _notify(self) -> None:
         with self._wakeup:
@@ -635,6 +604,28 @@ class Engine:
             result.generation_seconds,
             result.tokens_per_second,
             status,
+        )
+
+
+def check_lengths(settings: Settings, context_length: int, prompt_tokens: int, params: SamplingParams) -> None:
+    """Refuse, before queueing, a prompt that is empty or too long, or that can't fit with its max_new_tokens."""
+    if prompt_tokens == 0:
+        raise InvalidRequestError("`prompt` cannot be empty", param="prompt")
+    if prompt_tokens > settings.max_input_tokens:
+        raise PromptTooLongError(prompt_tokens, settings.max_input_tokens)
+    total = prompt_tokens + params.max_new_tokens
+    if total > context_length:
+        raise InvalidRequestError(
+            f"The prompt ({prompt_tokens} tokens) plus max_new_tokens ({params.max_new_tokens}) is {total} tokens, "
+            f"more than the model's context length of {context_length}. Lower max_new_tokens or shorten "
+            "the prompt.",
+            param="max_new_tokens",
+        )
+    if total > settings.max_batch_tokens:
+        raise InvalidRequestError(
+            f"The prompt ({prompt_tokens} tokens) plus max_new_tokens ({params.max_new_tokens}) is {total} tokens, "
+            f"more than this server's batch token budget of {settings.max_batch_tokens} (MAX_BATCH_TOKENS).",
+            param="max_new_tokens",
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, TypedDict
 
 from transformers import PreTrainedTokenizerBase
@@ -36,6 +37,14 @@ def transcript(messages: list[ChatMessage]) -> str:
     return "\n".join(lines) + "\nAssistant:"
 
 
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """Token ids ready for the engine, and stop strings the prompt's format needs (the transcript's `\nUser:`)."""
+
+    token_ids: list[int]
+    extra_stops: tuple[str, ...] = ()
+
+
 class PromptFormatter:
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
@@ -57,3 +66,14 @@ class PromptFormatter:
             conversation, add_generation_prompt=True, tokenize=True, return_dict=True
         )
         return list(encoded["input_ids"]), ()
+
+    def prepare_completion(self, prompt: str) -> PreparedPrompt:
+        return PreparedPrompt(self.encode_completion(prompt))
+
+    def prepare_chat(self, messages: list[ChatMessage]) -> PreparedPrompt:
+        ids, stops = self.encode_chat(messages)
+        return PreparedPrompt(ids, stops)
+
+    def token_pieces(self, token_ids: list[int]) -> list[str]:
+        """Each token as the tokenizer spells it (byte-level pieces show spaces as `Ġ`)."""
+        return [str(piece) for piece in self.tokenizer.convert_ids_to_tokens(token_ids)]

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from inference.engine import Engine, EngineState, GenerationResult, PreparedPrompt, TextChunk
+from inference.engine import EngineState, GenerationResult, PreparedPrompt, TextChunk, check_lengths
 from inference.errors import EngineError, GenerationError, NotReadyError
 from inference.params import SamplingParams
 from inference.prompts import ChatMessage, PromptFormatter
@@ -222,17 +222,13 @@ class RemoteEngine:
         return info.context_length
 
     def prepare_completion(self, prompt: str) -> PreparedPrompt:
-        _, formatter = self._require_ready()
-        return PreparedPrompt(formatter.encode_completion(prompt))
+        return self._require_ready()[1].prepare_completion(prompt)
 
     def prepare_chat(self, messages: list[ChatMessage]) -> PreparedPrompt:
-        _, formatter = self._require_ready()
-        ids, stops = formatter.encode_chat(messages)
-        return PreparedPrompt(ids, stops)
+        return self._require_ready()[1].prepare_chat(messages)
 
     def token_pieces(self, token_ids: list[int]) -> list[str]:
-        _, formatter = self._require_ready()
-        return [str(piece) for piece in formatter.tokenizer.convert_ids_to_tokens(token_ids)]
+        return self._require_ready()[1].token_pieces(token_ids)
 
     def submit(
         self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
@@ -242,8 +238,7 @@ class RemoteEngine:
         self._require_ready()
         if self.state is EngineState.DRAINING:
             raise NotReadyError("The server is shutting down and takes no new requests.")
-        # The engine's own length checks and messages (they only read `settings` and `context_length`).
-        Engine._check_lengths(self, len(prompt.token_ids), params)  # type: ignore[arg-type]
+        check_lengths(self.settings, self.context_length, len(prompt.token_ids), params)
         return RemoteRequestHandle(self, prompt, params, request_id or uuid.uuid4().hex[:12], route)
 
     async def stream(
