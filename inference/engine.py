@@ -38,7 +38,7 @@ from inference.errors import (
     RequestTimeoutError,
 )
 from inference.loader import LoadedModel, load_model
-from inference.memory import return_freed_memory_promptly
+from inference.memory import release_free_heap_pages, return_freed_memory_promptly
 from inference.params import SamplingParams
 from inference.prompts import ChatMessage, PreparedPrompt, PromptFormatter
 from inference.sampling import RowSampler, sample_next_tokens
@@ -237,7 +237,7 @@ class Engine:
 
     def _warm_up(self) -> None:
         assert self.loaded is not None
-        prefilled, _ = batching.prefill(self.loaded.model, [[self._pad_id] * 4], self._pad_id)
+        prefilled, _ = batching.prefill(self.loaded.model, [[self._pad_id] * 4])
         if not batching.supports_slot_cache(prefilled.cache):
             raise ModelNotFoundError(
                 f"MODEL_ID={self.settings.model_id!r} uses sliding-window or linear-attention layers, which this "
@@ -431,7 +431,7 @@ class Engine:
                 while len(self._waiting) < self.settings.max_batch_size and time.monotonic() < deadline:
                     self._wakeup.wait(timeout=max(0.0, deadline - time.monotonic()))
             admitted: list[_Sequence] = []
-            prefill_width = 0
+            prefill_tokens = 0
             rows = len(self._running)
             # rows are right-aligned in one cache, so it holds rows x (the longest row) slots: budget that, not the sum
             widest = max((sequence.budget for sequence in self._running), default=0)
@@ -439,14 +439,25 @@ class Engine:
                 candidate = self._waiting[0]
                 if (rows + 1) * max(widest, candidate.budget) > self.settings.max_batch_tokens:
                     break  # first come, first served: later requests don't jump the queue
-                prompt_width = max(prefill_width, len(candidate.prompt_ids))
-                if admitted and (len(admitted) + 1) * prompt_width > self.settings.max_prefill_tokens:
-                    break  # the rest join at a later step: one huge prefill would stall the batch and spike memory
+                if admitted and prefill_tokens + len(candidate.prompt_ids) > self.settings.max_prefill_tokens:
+                    break  # the rest join at a later step: one huge prefill would stall the running rows for long
                 admitted.append(self._waiting.popleft())
-                rows, widest, prefill_width = rows + 1, max(widest, candidate.budget), prompt_width
+                rows, widest = rows + 1, max(widest, candidate.budget)
+                prefill_tokens += len(candidate.prompt_ids)
             return admitted
 
     def _prefill(self, newcomers: list[_Sequence]) -> None:
+        """Prefill newcomers in groups of one prompt length (no padding, so no row's numbers depend on another's)."""
+        groups: dict[int, list[_Sequence]] = {}
+        for sequence in newcomers:
+            groups.setdefault(len(sequence.prompt_ids), []).append(sequence)
+        for group in groups.values():
+            self._prefill_group(group)
+        # a prefill's activations leave the heaps fragmented; handing their free pages back keeps peak RSS near what
+        # the weights and the KV cache need (-0.18 GB at 32 clients, measured: inference/memory.py)
+        release_free_heap_pages()
+
+    def _prefill_group(self, newcomers: list[_Sequence]) -> None:
         assert self.loaded is not None
         started = time.monotonic()
         for sequence in newcomers:
@@ -455,7 +466,7 @@ class Engine:
             sequence.decoder = IncrementalDecoder(self.loaded.tokenizer, sequence.prompt_ids)
             sequence.stops = StopStringFilter(sequence.params.stop)
         try:
-            prefilled, logits = batching.prefill(self.loaded.model, [s.prompt_ids for s in newcomers], self._pad_id)
+            prefilled, logits = batching.prefill(self.loaded.model, [s.prompt_ids for s in newcomers])
             self._batch.add(prefilled, self._sample(newcomers, logits))
         except Exception:
             # newcomers are in neither the queue nor the running batch yet: fail them here, or they wait forever

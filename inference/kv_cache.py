@@ -7,7 +7,9 @@ rows and columns, and the batch sees a window of them, `[:rows, :, start:end]`:
 - a new row is written into a spare row, right-aligned to `end` (its left padding zeroed);
 - a leaving row is replaced by the last row (one row copied), so rows stay contiguous;
 - columns that are padding in every row are dropped by moving `start` (free).
-Buffers are reallocated (window copied once) only when they run out of room, growing geometrically.
+Buffers are reallocated (window copied once) only when they run out of room: rows grow by a quarter at a time up to
+the batch's limit (allocating the limit up front held 32 rows of memory for a batch that the token budget kept at 20),
+columns by a spare margin.
 """
 
 from __future__ import annotations
@@ -61,11 +63,12 @@ class SlotLayer(DynamicLayer):  # type: ignore[no-untyped-call]
 class SlotCache(Cache):
     """All layers of a running batch; rows are added from a prefilled DynamicCache and removed by index."""
 
-    def __init__(self, template: DynamicCache, row_capacity: int) -> None:
+    def __init__(self, template: DynamicCache, max_rows: int) -> None:
         sample = _layer_tensors(template)[0][0]
-        _, heads, _, dim = sample.shape
+        rows, heads, _, dim = sample.shape
         self.heads, self.dim, self.dtype, self.device = heads, dim, sample.dtype, sample.device
-        self.row_capacity = row_capacity
+        self.max_rows = max(max_rows, rows)
+        self.row_capacity = rows
         self.column_capacity = 0
         self.rows = self.start = 0
         layers: list[Any] = [SlotLayer(*self._empty_buffers()) for _ in _layer_tensors(template)]
@@ -125,9 +128,11 @@ class SlotCache(Cache):
         rows_needed = self.rows + new_rows
         new_start = min(self.start, self.end - width) if self.rows else self.end - width
         if rows_needed > self.row_capacity or new_start < 0:
-            grow_rows = max(rows_needed, 2 * self.row_capacity) if rows_needed > self.row_capacity else 0
+            rows = self.row_capacity
+            if rows_needed > rows:
+                rows = min(self.max_rows, max(rows_needed, rows + max(1, rows // 4)))
             left_room = max(0, width - self.columns)
-            self._reallocate(max(grow_rows, self.row_capacity), left_room, max(width, self.columns))
+            self._reallocate(rows, left_room, max(width, self.columns))
             new_start = min(self.start, self.end - width) if self.rows else self.end - width
         for layer, (keys, values) in zip(self._slot_layers(), tensors, strict=True):
             for buffer, new in ((layer.key_buffer, keys), (layer.value_buffer, values)):

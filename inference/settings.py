@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Path.home() / ".cache" / "llm-serving"
     # `auto` picks CUDA when torch sees a GPU, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # `auto` is float32 on the CPU (this CPU has no fast half precision) and float16 on CUDA.
+    # `auto` is float32 on the CPU and float16 on CUDA. `bfloat16` on a CPU with AMX serves ~1.6x the tokens/s under
+    # load in half the memory, but a request's text may then differ alone and batched (docs/benchmarks.md).
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # torch intra-op threads; 0 means one per core. Measured on 2 cores: see docs/benchmarks.md.
     torch_threads: int = Field(default=0, ge=0, le=256)
@@ -34,11 +35,11 @@ class Settings(BaseSettings):
     # Most sequences decoded together in one step of the running batch.
     max_batch_size: int = Field(default=16, ge=1, le=256)
     # KV-cache slots of the running batch: rows x the longest row's prompt plus max_new_tokens. Bounds its memory
-    # (SmolLM2 in float32: 46 KB a slot, so 12288 slots are 0.55 GB) so long prompts can't take it all.
-    max_batch_tokens: int = Field(default=12288, ge=64)
-    # Padded prompt tokens prefilled together (at least one request): newcomers beyond it join at a later step, so
-    # a crowd arriving at once neither stalls the running rows for long nor doubles the cache's memory.
-    max_prefill_tokens: int = Field(default=2048, ge=16)
+    # (SmolLM2 in float32: 46 KB a slot, so 10240 slots are 0.45 GB) so long prompts can't take it all.
+    max_batch_tokens: int = Field(default=10240, ge=64)
+    # Prompt tokens prefilled in one scheduler step (at least one request): newcomers beyond it join at a later step,
+    # so a crowd arriving at once neither stalls the running rows for long nor spikes memory.
+    max_prefill_tokens: int = Field(default=1024, ge=16)
     # How long an idle engine waits for companions before it starts a new batch.
     batch_wait_ms: float = Field(default=10.0, ge=0, le=10_000)
     # Requests waiting for a slot; beyond it new requests are refused at once (429 with Retry-After).

@@ -39,7 +39,11 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def make_settings(model_cache_dir: Path) -> SettingsFactory:
-    """`make_settings(folder, **overrides)`: Settings for a tiny model, with one torch thread and a short batch wait."""
+    """`make_settings(folder, **overrides)`: Settings for a tiny model, with one torch thread and a short batch wait.
+
+    Always float32 (whatever DTYPE says): a randomly initialised tiny model has near-tied logits, and the tests
+    compare exact tokens to check the engine's logic, not the precision of a dtype.
+    """
 
     def factory(folder: Path | str, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
@@ -47,6 +51,7 @@ def make_settings(model_cache_dir: Path) -> SettingsFactory:
             "model_cache_dir": model_cache_dir,
             "torch_threads": 1,
             "batch_wait_ms": 5,
+            "dtype": "float32",
         }
         values.update(overrides)
         return Settings(**values)

@@ -811,7 +811,7 @@ def test_a_failing_prefill_fails_its_requests(
     assert run(engine.generate(engine.prepare_completion("Hi"), greedy(engine, 5))).completion_tokens >= 1
 
 
-def test_a_sampling_fault_at_prefill_fails_the_newcomers_instead_of_losing_them(
+def test_a_sampling_fault_at_prefill_fails_its_newcomers_instead_of_losing_them(
     tiny_gpt2_dir: Path, make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = make_engine(tiny_gpt2_dir)
@@ -825,12 +825,15 @@ def test_a_sampling_fault_at_prefill_fails_the_newcomers_instead_of_losing_them(
 
     monkeypatch.setattr(engine_module, "sample_next_tokens", flaky)
 
-    async def two() -> list[Any]:
-        prepared = [engine.prepare_completion(text) for text in ("Hi", "a")]
+    async def three() -> list[Any]:
+        # the first two share one prefill (one prompt length); the third, longer, is prefilled apart
+        prepared = [engine.prepare_completion(text) for text in ("Hi", "Hi", "Hi there, how are you")]
         return await asyncio.gather(*(engine.generate(p, greedy(engine, 5)) for p in prepared), return_exceptions=True)
 
-    outcomes = run(two(), timeout_s=10)
-    assert all(isinstance(outcome, GenerationError) for outcome in outcomes), outcomes
+    outcomes = run(three(), timeout_s=10)
+    assert all(isinstance(outcome, GenerationError) for outcome in outcomes[:2]), outcomes
+    assert isinstance(outcomes[2], GenerationResult)
+    assert outcomes[2].completion_tokens >= 1
     assert engine.stats.requests_failed == 2
     assert settles(engine)
     assert run(engine.generate(engine.prepare_completion("Hi"), greedy(engine, 5))).completion_tokens >= 1
