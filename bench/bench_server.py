@@ -7,8 +7,10 @@ In one run, side by side on the same machine:
 1. the baseline most Gradio apps have, one request at a time: this server with MAX_BATCH_SIZE=1;
 2. the engine (MAX_BATCH_SIZE=32) with 1, 4, 16 and 32 concurrent clients.
 Every level sends the same seeded, ragged workload (prompts of 8-300 tokens, max_new_tokens 16-256). It also measures
-a bare `model.generate` for one request, a 16-token request arriving while a 512-token one runs, and the memory
-bandwidth bound for batch-1 decoding. The machine is shared and noisy: compare ratios and medians.
+a bare `model.generate` for one request, a 16-token request arriving while a 512-token one runs, the memory
+bandwidth bound for batch-1 decoding, and how often a greedy request gives the same text alone and batched. On a CPU
+with bfloat16 matrix units (AMX) it also runs the engine with DTYPE=bfloat16 (an opt-in). The machine is shared and
+noisy: compare ratios and medians.
 """
 
 from __future__ import annotations
@@ -326,6 +328,55 @@ def memory_bandwidth_gb_s() -> float:
     return round(2 * source.numel() * 4 / statistics.median(timings) / 1e9, 2)
 
 
+AGREEMENT_PROMPTS = [
+    "The capital of Italy is",
+    "def fibonacci(n):",
+    "Water boils at a temperature of",
+    "A haiku about autumn leaves:\n",
+    "Once upon a time",
+    "The best way to learn Python is",
+    "Photosynthesis is",
+    "In 1969, humans",
+    "My favourite recipe for pancakes:",
+    "The three laws of motion are",
+    "SELECT name FROM",
+    "Dear hiring manager,",
+    "The mitochondria",
+    "Ten tips for better sleep:\n1.",
+    "import numpy as np\n",
+    "The weather today",
+]
+
+
+def alone_versus_batched(dtype: str, threads: int) -> dict[str, Any]:
+    """Greedy, 64 new tokens: each prompt alone, then all 16 in one batch; how many texts come out identical."""
+    from inference.engine import Engine
+    from inference.params import SamplingParams
+    from inference.settings import Settings
+
+    settings = Settings(dtype=dtype, torch_threads=threads, max_batch_size=len(AGREEMENT_PROMPTS))  # type: ignore[arg-type]
+    engine = Engine(settings)
+    engine.start()
+    prompts = [engine.prepare_completion(text) for text in AGREEMENT_PROMPTS]
+    params = SamplingParams(max_new_tokens=64, temperature=0.0)
+    alone = [asyncio.run(engine.generate(prompt, params)).text for prompt in prompts]
+
+    async def together() -> list[str]:
+        return [result.text for result in await asyncio.gather(*(engine.generate(p, params) for p in prompts))]
+
+    batched = asyncio.run(together())
+    engine.shutdown()
+    return {"dtype": dtype, "identical": sum(a == b for a, b in zip(alone, batched, strict=True)), "of": len(prompts)}
+
+
+def alone_versus_batched_in_subprocess(dtype: str, threads: int) -> dict[str, Any]:
+    output = subprocess.run(
+        [sys.executable, __file__, "--agreement", dtype], capture_output=True, text=True, check=True,
+        env={**os.environ, "TORCH_THREADS": str(threads)},
+    )  # fmt: skip
+    return dict(json.loads(output.stdout.strip().splitlines()[-1]))
+
+
 def write_report(results: dict[str, Any], path: Path) -> None:
     levels: list[dict[str, Any]] = results["levels"]
     baseline = next(level for level in levels if level["server"] == "baseline" and level["clients"] == 16)
@@ -384,20 +435,52 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "Batching amortizes those weight reads over many rows, which is where the "
         "aggregate gains above come from.",
         "",
+        "## Alone versus batched",
+        "",
+        f"{len(AGREEMENT_PROMPTS)} prompts, greedy, 64 new tokens each: run one at a time, then all together in one "
+        "batch. The texts that came out identical:",
+        "",
+        "| dtype | identical alone and batched |",
+        "| --- | --- |",
     ]
+    for check in results["alone_versus_batched"]:
+        lines.append(f"| {check['dtype']} | {check['identical']} of {check['of']} |")
+    if len(results["alone_versus_batched"]) == 1:
+        lines += ["", "This CPU has no bfloat16 matrix units (AMX): the `DTYPE=bfloat16` opt-in was not measured.", ""]
+    else:
+        lines += _bfloat16_note()
     extra = path.parent / "benchmarks-threads.md"
     if extra.exists():
         lines += [extra.read_text().strip(), ""]
     path.write_text("\n".join(lines))
 
 
+def _bfloat16_note() -> list[str]:
+    return [
+        "",
+        "float32 is the default on the CPU for this reason. Where the CPU multiplies bfloat16 in hardware (AMX), the",
+        "`engine (bfloat16)` rows above show what `DTYPE=bfloat16` buys (compared with the same float32 one-at-a-time",
+        "baseline, which is faster than a bfloat16 one at batch 1): more tokens/s under load in less memory, at the",
+        "price of texts that may differ between a request alone and in a crowd (padding and batch shapes change the",
+        "order of float sums, and bfloat16 rounding turns those differences into different tokens).",
+        "",
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests per level (smoke run)")
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--agreement", metavar="DTYPE", help=argparse.SUPPRESS)  # child: one alone-vs-batched check
     args = parser.parse_args()
     scale = 0.5 if args.quick else 1.0
     threads = int(os.environ.get("TORCH_THREADS", "0")) or (os.cpu_count() or 1)
+    if args.agreement:
+        print(json.dumps(alone_versus_batched(args.agreement, threads)))
+        return 0
+    from inference.loader import cpu_has_bf16_matrix_units
+
+    dtypes = ["float32", "bfloat16"] if cpu_has_bf16_matrix_units() else ["float32"]
     # two requests per client (six alone): clients stay busy until near the end, instead of the crowd thinning out
     sizes = {1: max(3, int(6 * scale)), 4: int(8 * scale), 16: int(32 * scale), 32: int(64 * scale)}
     results: dict[str, Any] = {
@@ -429,6 +512,17 @@ def main() -> int:
         short["engine"] = asyncio.run(short_behind_long(engine))
     finally:
         engine.stop()
+
+    if "bfloat16" in dtypes:  # the opt-in, at the loads where batching matters
+        fast = Server("engine (bfloat16)", {"MAX_BATCH_SIZE": "32", "DTYPE": "bfloat16"})
+        try:
+            for clients in (16, 32):
+                jobs = make_jobs(sizes[clients], seed=clients)
+                results["levels"].append(asyncio.run(run_level(fast, f"engine-bf16-{clients}", clients, jobs)))
+        finally:
+            fast.stop()
+    results["alone_versus_batched"] = [alone_versus_batched_in_subprocess(dtype, threads) for dtype in dtypes]
+    print(json.dumps(results["alone_versus_batched"]), flush=True)
 
     results["levels"] = [asdict(level) for level in results["levels"]]
     results["short_behind_long"] = short

@@ -49,9 +49,17 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
+def cpu_has_bf16_matrix_units() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX: Sapphire Rapids and later)."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check()) if check is not None else False
+
+
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting == "auto":
-        # Half precision is slow on CPUs without native support (this one runs bf16 matmuls at ~0.3 GFLOP/s).
+        # float32 on the CPU even where bfloat16 is fast (AMX: 1.6x the tokens/s under load, measured): in bfloat16
+        # a request's greedy text often differs between running alone and in a batch (6 of 16 prompts identical,
+        # against 16 of 16 in float32), and without AMX bfloat16 is emulated and crawls (0.3 GFLOP/s measured).
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[setting]
 
@@ -144,6 +152,11 @@ def load_model(settings: Settings) -> LoadedModel:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     seconds = time.perf_counter() - started
+    if settings.dtype == "auto" and device.type == "cpu" and cpu_has_bf16_matrix_units():
+        logger.info(
+            "This CPU multiplies bfloat16 in hardware: DTYPE=bfloat16 serves ~1.6x the tokens/s under load and halves "
+            "the memory, but a request's text may then differ between running alone and in a batch."
+        )
     logger.info(
         "Loaded %s from %s (%s) on %s as %s in %.1f s", settings.model_id, source, location, device, dtype, seconds
     )
