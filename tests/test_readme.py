@@ -79,3 +79,22 @@ def test_every_setting_is_documented_in_the_settings_table() -> None:
         alias = field.validation_alias
         env_name = alias.choices[0] if alias is not None and hasattr(alias, "choices") else name.upper()
         assert f"| `{env_name}` |" in text, f"{env_name} is missing from the README's settings table"
+
+
+def test_the_settings_table_gives_the_real_defaults() -> None:
+    from inference.settings import Settings
+
+    text = README.read_text()
+    checked = 0
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if isinstance(default, bool) or not isinstance(default, int | float | str):
+            continue  # paths, secrets and lists are described in words
+        alias = field.validation_alias
+        env_name = alias.choices[0] if alias is not None and hasattr(alias, "choices") else name.upper()
+        documented = re.search(rf"^\| `{env_name}` \| `([^`]*)` \|", text, re.MULTILINE)
+        assert documented is not None, env_name
+        value = documented.group(1)
+        assert (float(value) == default) if isinstance(default, int | float) else (value == default), (env_name, value)
+        checked += 1
+    assert checked >= 20
