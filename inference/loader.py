@@ -57,8 +57,8 @@ def cpu_has_bf16_matrix_units() -> bool:
 
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting == "auto":
-        # float32 on the CPU even where bfloat16 is fast (AMX: 1.6x the tokens/s under load, measured): in bfloat16
-        # a request's greedy text often differs between running alone and in a batch (6 of 16 prompts identical,
+        # float32 on the CPU even where bfloat16 is fast (AMX: ~1.5x the tokens/s under load, measured): in bfloat16
+        # a request's greedy text often differs between running alone and in a batch (8 of 16 prompts identical,
         # against 16 of 16 in float32), and without AMX bfloat16 is emulated and crawls (0.3 GFLOP/s measured).
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[setting]
@@ -154,8 +154,8 @@ def load_model(settings: Settings) -> LoadedModel:
     seconds = time.perf_counter() - started
     if settings.dtype == "auto" and device.type == "cpu" and cpu_has_bf16_matrix_units():
         logger.info(
-            "This CPU multiplies bfloat16 in hardware: DTYPE=bfloat16 serves ~1.6x the tokens/s under load and halves "
-            "the memory, but a request's text may then differ between running alone and in a batch."
+            "This CPU multiplies bfloat16 in hardware: DTYPE=bfloat16 serves ~1.5x the tokens/s under load in less "
+            "memory, but a request's text may then differ between running alone and in a batch."
         )
     logger.info(
         "Loaded %s from %s (%s) on %s as %s in %.1f s", settings.model_id, source, location, device, dtype, seconds

@@ -26,8 +26,8 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Path.home() / ".cache" / "llm-serving"
     # `auto` picks CUDA when torch sees a GPU, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # `auto` is float32 on the CPU and float16 on CUDA. `bfloat16` on a CPU with AMX serves ~1.6x the tokens/s under
-    # load in half the memory, but a request's text may then differ alone and batched (docs/benchmarks.md).
+    # `auto` is float32 on the CPU and float16 on CUDA. `bfloat16` on a CPU with AMX serves ~1.5x the tokens/s under
+    # load in less memory, but a request's text may then differ alone and batched (docs/benchmarks.md).
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # torch intra-op threads; 0 means one per core. Measured on 2 cores: see docs/benchmarks.md.
     torch_threads: int = Field(default=0, ge=0, le=256)
