@@ -28,7 +28,7 @@ def test_prefill_takes_only_prompts_of_one_length(loaded: LoadedModel) -> None:
 def test_a_row_prefilled_with_others_of_its_length_gets_its_own_logits(loaded: LoadedModel) -> None:
     _, alone = prefill(loaded.model, [[5, 6, 7, 8]])
     prefilled, together = prefill(loaded.model, [[9, 10, 11, 12], [5, 6, 7, 8]])
-    torch.testing.assert_close(together[1], alone[0])
+    torch.testing.assert_close(together[1], alone[0], rtol=1e-4, atol=1e-4)  # another row: off by units
     assert prefilled.next_positions.tolist() == [[4], [4]]
 
 
