@@ -8,8 +8,8 @@ rows and columns, and the batch sees a window of them, `[:rows, :, start:end]`:
 - a leaving row is replaced by the last row (one row copied), so rows stay contiguous;
 - columns that are padding in every row are dropped by moving `start` (free).
 Buffers are reallocated (window copied once) only when they run out of room: rows grow by a quarter at a time up to
-the batch's limit (allocating the limit up front held 32 rows of memory for a batch that the token budget kept at 20),
-columns by a spare margin.
+the batch's limit (allocating the limit up front held MAX_BATCH_SIZE rows of memory even while the token budget kept
+the batch smaller), columns by a spare margin.
 """
 
 from __future__ import annotations
