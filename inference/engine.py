@@ -7,6 +7,7 @@ loop; the engine knows nothing of HTTP or Gradio.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import contextlib
@@ -123,7 +124,94 @@ class EngineStats:
     batch_sizes_seen: collections.Counter[int] = field(default_factory=collections.Counter)
 
 
-class RequestHandle:
+class RequestHandleBase(abc.ABC):
+    """A submitted request, wherever it runs: `events()` yields its text as it comes, then its result."""
+
+    @abc.abstractmethod
+    def events(self) -> AsyncIterator[TextChunk | GenerationResult]: ...
+
+    @abc.abstractmethod
+    def cancel(self) -> None: ...
+
+    async def result(self) -> GenerationResult:
+        async for event in self.events():
+            if isinstance(event, GenerationResult):
+                return event
+        raise GenerationError("The generation ended without a result.")  # pragma: no cover - events always end so
+
+
+class EngineFrontEnd(abc.ABC):
+    """What api/ and ui/ call, whether the model runs in this process (`Engine`) or in Ray Serve replicas
+    (`serving.remote_engine.RemoteEngine`): readiness, the refusals decided before anything is queued, tokenizing,
+    `stream`/`generate` over `submit`, and the observers told of every request's end."""
+
+    settings: Settings
+    state: EngineState
+    failure: str | None
+    formatter: PromptFormatter | None
+    # Told of the end of every accepted request: (route, status, result or None).
+    observers: list[Callable[[str, str, GenerationResult | None], None]]
+
+    @property
+    @abc.abstractmethod
+    def context_length(self) -> int: ...
+
+    @abc.abstractmethod
+    def submit(
+        self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
+    ) -> RequestHandleBase: ...
+
+    @property
+    def ready(self) -> bool:
+        return self.state is EngineState.READY
+
+    def _serving_formatter(self) -> PromptFormatter:
+        """The prompt formatter, while the engine serves (or drains: info and tokenizing still work then)."""
+        usable = self.state in (EngineState.READY, EngineState.DRAINING)
+        if not usable or self.formatter is None:
+            reason = self.failure or f"the model is {self.state.value}"
+            raise NotReadyError(f"The model is not ready: {reason}.")
+        return self.formatter
+
+    def prepare_completion(self, prompt: str) -> PreparedPrompt:
+        return self._serving_formatter().prepare_completion(prompt)
+
+    def prepare_chat(self, messages: list[ChatMessage]) -> PreparedPrompt:
+        return self._serving_formatter().prepare_chat(messages)
+
+    def token_pieces(self, token_ids: list[int]) -> list[str]:
+        return self._serving_formatter().token_pieces(token_ids)
+
+    def _refuse_early(self, prompt: PreparedPrompt, params: SamplingParams) -> None:
+        """Raise, before anything is queued, for a request that can't be served: not ready, draining, too long."""
+        self._serving_formatter()
+        if self.state is EngineState.DRAINING:
+            raise NotReadyError("The server is shutting down and takes no new requests.")
+        check_lengths(self.settings, self.context_length, len(prompt.token_ids), params)
+
+    async def stream(
+        self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
+    ) -> AsyncIterator[TextChunk | GenerationResult]:
+        """Yield text chunks as they are decoded, then the final result. Leaving the loop early cancels the request."""
+        async for event in self.submit(prompt, params, request_id=request_id, route=route).events():
+            yield event
+
+    async def generate(
+        self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
+    ) -> GenerationResult:
+        """Run one request to the end and return its result."""
+        return await self.submit(prompt, params, request_id=request_id, route=route).result()
+
+    def report_end(self, route: str, status: str, result: GenerationResult | None) -> None:
+        """Tell the observers (metrics) how a request ended."""
+        for observer in self.observers:
+            try:
+                observer(route, status, result)
+            except Exception:  # an observer's bug must not take the caller (the scheduler) down
+                logger.exception("Request observer failed")
+
+
+class RequestHandle(RequestHandleBase):
     """One submitted request: iterate `events()` for its text as it comes, or await `result()`; `cancel()` stops it.
     Abandoning `events()` early (a closed stream, a cancelled task) cancels the request too."""
 
@@ -155,14 +243,8 @@ class RequestHandle:
         finally:
             self.cancel()
 
-    async def result(self) -> GenerationResult:
-        async for event in self.events():
-            if isinstance(event, GenerationResult):
-                return event
-        raise GenerationError("The generation ended without a result.")  # pragma: no cover - events always end so
 
-
-class Engine:
+class Engine(EngineFrontEnd):
     """Load once with `start()`; then `stream()`/`generate()` from any asyncio loop, from many tasks at once."""
 
     def __init__(self, settings: Settings, loader: Callable[[Settings], LoadedModel] = load_model) -> None:
@@ -173,8 +255,7 @@ class Engine:
         self.loaded: LoadedModel | None = None
         self.formatter: PromptFormatter | None = None
         self.stats = EngineStats()
-        # Called from the scheduler thread at the end of every accepted request: (route, status, result or None).
-        self.observers: list[Callable[[str, str, GenerationResult | None], None]] = []
+        self.observers = []  # called from the scheduler thread
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
         self._batch = batching.RunningBatch(settings.max_batch_size)
@@ -231,10 +312,6 @@ class Engine:
         self._running.clear()
         self.state = EngineState.STOPPED
 
-    @property
-    def ready(self) -> bool:
-        return self.state is EngineState.READY
-
     def _warm_up(self) -> None:
         assert self.loaded is not None
         prefilled, _ = batching.prefill(self.loaded.model, [[self._pad_id] * 4])
@@ -253,11 +330,9 @@ class Engine:
 
     def _require_ready(self) -> tuple[LoadedModel, PromptFormatter]:
         """The model and formatter, while the engine serves (or drains: info and tokenizing still work then)."""
-        usable = self.state in (EngineState.READY, EngineState.DRAINING)
-        if not usable or self.loaded is None or self.formatter is None:
-            reason = self.failure or f"the model is {self.state.value}"
-            raise NotReadyError(f"The model is not ready: {reason}.")
-        return self.loaded, self.formatter
+        formatter = self._serving_formatter()
+        assert self.loaded is not None  # loaded before the formatter is made
+        return self.loaded, formatter
 
     @property
     def context_length(self) -> int:
@@ -268,15 +343,6 @@ class Engine:
             if isinstance(value, int) and value > 0:
                 return value
         return self.settings.max_input_tokens + self.settings.max_new_tokens
-
-    def prepare_completion(self, prompt: str) -> PreparedPrompt:
-        return self._require_ready()[1].prepare_completion(prompt)
-
-    def prepare_chat(self, messages: list[ChatMessage]) -> PreparedPrompt:
-        return self._require_ready()[1].prepare_chat(messages)
-
-    def token_pieces(self, token_ids: list[int]) -> list[str]:
-        return self._require_ready()[1].token_pieces(token_ids)
 
     def submit(
         self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
@@ -293,19 +359,6 @@ class Engine:
 
         sequence = self._submit(prompt, params, deliver, request_id=request_id, route=route)
         return RequestHandle(self, sequence, events)
-
-    async def stream(
-        self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
-    ) -> AsyncIterator[TextChunk | GenerationResult]:
-        """Yield text chunks as they are decoded, then the final result. Leaving the loop early cancels the request."""
-        async for event in self.submit(prompt, params, request_id=request_id, route=route).events():
-            yield event
-
-    async def generate(
-        self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
-    ) -> GenerationResult:
-        """Run one request to the end and return its result."""
-        return await self.submit(prompt, params, request_id=request_id, route=route).result()
 
     def _cancel(self, sequence: _Sequence) -> None:
         if not sequence.done:
@@ -356,10 +409,7 @@ class Engine:
         request_id: str | None,
         route: str,
     ) -> _Sequence:
-        self._require_ready()
-        if self.state is EngineState.DRAINING:
-            raise NotReadyError("The server is shutting down and takes no new requests.")
-        check_lengths(self.settings, self.context_length, len(prompt.token_ids), params)
+        self._refuse_early(prompt, params)
         if prompt.extra_stops:
             params = _with_stops(params, prompt.extra_stops)
         now = time.monotonic()
@@ -589,11 +639,7 @@ class Engine:
 
     def _log(self, sequence: _Sequence, status: str, result: GenerationResult | None = None) -> None:
         """Each request's one log line, and its end told to the observers (metrics)."""
-        for observer in self.observers:
-            try:
-                observer(sequence.route, status, result)
-            except Exception:  # an observer's bug must not take the scheduler down
-                logger.exception("Request observer failed")
+        self.report_end(sequence.route, status, result)
         if result is None:
             logger.info(
                 "request id=%s route=%s prompt_tokens=%d generated_tokens=%d status=%s",

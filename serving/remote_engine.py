@@ -19,13 +19,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-from inference.engine import EngineState, GenerationResult, PreparedPrompt, TextChunk, check_lengths
+from inference.engine import EngineFrontEnd, EngineState, GenerationResult, RequestHandleBase, TextChunk
 from inference.errors import EngineError, GenerationError, NotReadyError
 from inference.params import SamplingParams
-from inference.prompts import ChatMessage, PromptFormatter
+from inference.prompts import PreparedPrompt, PromptFormatter
 from inference.schemas import ModelInfo
 from inference.settings import Settings
 from serving.wire import WireError, unpack_error
@@ -45,7 +45,7 @@ def replica_gone(error: BaseException) -> bool:
     return isinstance(error, RayActorError | ActorUnavailableError)
 
 
-class RemoteRequestHandle:
+class RemoteRequestHandle(RequestHandleBase):
     """Same surface as `inference.engine.RequestHandle`: `events()`, `result()`, `cancel()`, `request_id`."""
 
     def __init__(
@@ -71,12 +71,12 @@ class RemoteRequestHandle:
         if not self._ended:
             self._ended = True
             self._response.cancel()
-            self._engine.observe(self._route, "cancelled", None)
+            self._engine.report_end(self._route, "cancelled", None)
 
     def _end(self, status: str, result: GenerationResult | None) -> None:
         if not self._ended:
             self._ended = True
-            self._engine.observe(self._route, status, result)
+            self._engine.report_end(self._route, status, result)
 
     async def events(self) -> AsyncIterator[TextChunk | GenerationResult]:
         retries = RETRIES_BEFORE_FIRST_EVENT
@@ -119,15 +119,9 @@ class RemoteRequestHandle:
         finally:
             self.cancel()
 
-    async def result(self) -> GenerationResult:
-        async for event in self.events():
-            if isinstance(event, GenerationResult):
-                return event
-        raise GenerationError("The generation ended without a result.")  # pragma: no cover - events always end so
 
-
-class RemoteEngine:
-    """Duck-types `inference.engine.Engine` for create_app, the routes and the playground."""
+class RemoteEngine(EngineFrontEnd):
+    """`inference.engine.Engine`'s interface for create_app, the routes and the playground."""
 
     def __init__(self, settings: Settings, engine_handle: Any, board_handle: Any) -> None:
         self.settings = settings
@@ -135,12 +129,11 @@ class RemoteEngine:
         self.board_handle = board_handle
         self.state = EngineState.STARTING
         self.failure: str | None = None
-        # Told about every request this ingress sent once it ends: (route, status, result or None), as by Engine.
-        self.observers: list[Callable[[str, str, GenerationResult | None], None]] = []
+        self.observers = []  # told of every request this ingress sent, as by Engine
         # The latest fresh report of each engine replica (see ReplicaBoard).
         self.replicas: list[dict[str, Any]] = []
         self._info: ModelInfo | None = None
-        self._formatter: PromptFormatter | None = None
+        self.formatter: PromptFormatter | None = None
         self._stopping = threading.Event()
         self._poller: threading.Thread | None = None
 
@@ -160,7 +153,7 @@ class RemoteEngine:
                 time.sleep(1)
                 continue
             self._info = info
-            self._formatter = PromptFormatter(tokenizer)
+            self.formatter = PromptFormatter(tokenizer)
             self._refresh()
             if self.state is EngineState.LOADING:
                 self.state = EngineState.READY  # a replica just answered, even if its first report is not in yet
@@ -181,7 +174,7 @@ class RemoteEngine:
             return
         ready = [entry for entry in entries if entry["state"] == EngineState.READY.value]
         failed = [entry for entry in entries if entry["state"] == EngineState.FAILED.value]
-        if ready and self._formatter is not None:
+        if ready and self.formatter is not None:
             self.state, self.failure = EngineState.READY, None
         elif failed and len(failed) == len(entries):
             self.state, self.failure = EngineState.FAILED, str(failed[0].get("failure"))
@@ -200,61 +193,27 @@ class RemoteEngine:
         self.state = EngineState.STOPPED
 
     @property
-    def ready(self) -> bool:
-        return self.state is EngineState.READY
-
-    @property
     def idle(self) -> bool:
         return all(entry["snapshot"]["running"] + entry["snapshot"]["waiting"] == 0 for entry in self.replicas)
 
     # ----- what callers use ---------------------------------------------------------------------------------------
 
-    def _require_ready(self) -> tuple[ModelInfo, PromptFormatter]:
-        usable = self.state in (EngineState.READY, EngineState.DRAINING)
-        if not usable or self._info is None or self._formatter is None:
-            reason = self.failure or f"the model is {self.state.value}"
-            raise NotReadyError(f"The model is not ready: {reason}.")
-        return self._info, self._formatter
-
     @property
     def context_length(self) -> int:
-        info, _ = self._require_ready()
-        return info.context_length
-
-    def prepare_completion(self, prompt: str) -> PreparedPrompt:
-        return self._require_ready()[1].prepare_completion(prompt)
-
-    def prepare_chat(self, messages: list[ChatMessage]) -> PreparedPrompt:
-        return self._require_ready()[1].prepare_chat(messages)
-
-    def token_pieces(self, token_ids: list[int]) -> list[str]:
-        return self._require_ready()[1].token_pieces(token_ids)
+        return self.info().context_length
 
     def submit(
         self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
     ) -> RemoteRequestHandle:
         """Refusals this side can decide (not ready, draining, too long) raise here at once, as in Engine.submit; a
         replica's own refusal (its queue is full) arrives as the first event of the handle."""
-        self._require_ready()
-        if self.state is EngineState.DRAINING:
-            raise NotReadyError("The server is shutting down and takes no new requests.")
-        check_lengths(self.settings, self.context_length, len(prompt.token_ids), params)
+        self._refuse_early(prompt, params)
         return RemoteRequestHandle(self, prompt, params, request_id or uuid.uuid4().hex[:12], route)
 
-    async def stream(
-        self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
-    ) -> AsyncIterator[TextChunk | GenerationResult]:
-        async for event in self.submit(prompt, params, request_id=request_id, route=route).events():
-            yield event
-
-    async def generate(
-        self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
-    ) -> GenerationResult:
-        return await self.submit(prompt, params, request_id=request_id, route=route).result()
-
     def info(self) -> ModelInfo:
-        info, _ = self._require_ready()
-        return info
+        self._serving_formatter()  # raises while not ready, as Engine.info does
+        assert self._info is not None  # taken with the formatter
+        return self._info
 
     def snapshot(self) -> dict[str, int]:
         """Summed over the engine replicas that reported in the last STALE_S seconds."""
@@ -263,10 +222,3 @@ class RemoteEngine:
             for key in total:
                 total[key] += int(entry["snapshot"].get(key, 0))
         return total
-
-    def observe(self, route: str, status: str, result: GenerationResult | None) -> None:
-        for observer in self.observers:
-            try:
-                observer(route, status, result)
-            except Exception:
-                logger.exception("Request observer failed")
