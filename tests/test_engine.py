@@ -157,13 +157,17 @@ def patch_forward(monkeypatch: pytest.MonkeyPatch, engine: Engine, before_call: 
 
 
 @pytest.fixture
-def slow_model(monkeypatch: pytest.MonkeyPatch) -> Callable[[Engine, float], None]:
-    """`slow_model(engine, seconds)`: every forward pass takes at least that long, so timing-based tests are robust."""
+def slow_engine(make_engine: EngineFactory, monkeypatch: pytest.MonkeyPatch) -> EngineFactory:
+    """`slow_engine(folder, seconds, **settings)`: an engine that ignores EOS (every request runs to its
+    max_new_tokens) and whose every forward pass takes at least `seconds`, so timing-based tests are robust."""
 
-    def slow(engine: Engine, seconds: float) -> None:
+    def build(folder: Path, seconds: float, **overrides: Any) -> Engine:
+        engine = make_engine(folder, **overrides)
+        engine._eos_ids = set()
         patch_forward(monkeypatch, engine, lambda _: time.sleep(seconds))
+        return engine
 
-    return slow
+    return build
 
 
 def fail_on_call(number: int) -> Callable[[int], None]:
@@ -401,12 +405,8 @@ def test_real_eos_ids_come_from_the_tokenizer_and_generation_config(gpt2_engine:
 # ----- joining, cancelling, limits ----------------------------------------------------------------------------------
 
 
-def test_short_requests_join_a_running_batch_and_finish_first(
-    tiny_gpt2_dir: Path, make_engine: EngineFactory, slow_model: Callable[[Engine, float], None]
-) -> None:
-    engine = make_engine(tiny_gpt2_dir)
-    engine._eos_ids = set()
-    slow_model(engine, 0.002)
+def test_short_requests_join_a_running_batch_and_finish_first(tiny_gpt2_dir: Path, slow_engine: EngineFactory) -> None:
+    engine = slow_engine(tiny_gpt2_dir, 0.002)
     finished: list[str] = []
 
     async def main() -> None:
@@ -434,12 +434,8 @@ def test_short_requests_join_a_running_batch_and_finish_first(
     assert engine.stats.prefills >= 2  # the short ones were prefilled while the long one ran
 
 
-def test_leaving_the_stream_cancels_and_frees_the_slot(
-    tiny_llama_dir: Path, make_engine: EngineFactory, slow_model: Callable[[Engine, float], None]
-) -> None:
-    engine = make_engine(tiny_llama_dir)
-    engine._eos_ids = set()
-    slow_model(engine, 0.005)
+def test_leaving_the_stream_cancels_and_frees_the_slot(tiny_llama_dir: Path, slow_engine: EngineFactory) -> None:
+    engine = slow_engine(tiny_llama_dir, 0.005)
 
     async def main() -> None:
         async for event in engine.stream(engine.prepare_completion(PROMPTS[2]), greedy(engine, 300)):
@@ -474,12 +470,8 @@ def test_submit_refuses_at_once_before_any_event(tiny_gpt2_dir: Path, make_engin
     run(main())
 
 
-def test_handle_cancel_stops_a_running_request(
-    tiny_llama_dir: Path, make_engine: EngineFactory, slow_model: Callable[[Engine, float], None]
-) -> None:
-    engine = make_engine(tiny_llama_dir)
-    engine._eos_ids = set()
-    slow_model(engine, 0.005)
+def test_handle_cancel_stops_a_running_request(tiny_llama_dir: Path, slow_engine: EngineFactory) -> None:
+    engine = slow_engine(tiny_llama_dir, 0.005)
 
     async def main() -> None:
         handle = engine.submit(engine.prepare_completion(PROMPTS[2]), greedy(engine, 300))
@@ -496,11 +488,9 @@ def test_handle_cancel_stops_a_running_request(
 
 
 def test_cancelling_a_waiting_request_removes_it_from_the_queue(
-    tiny_gpt2_dir: Path, make_engine: EngineFactory, slow_model: Callable[[Engine, float], None]
+    tiny_gpt2_dir: Path, slow_engine: EngineFactory
 ) -> None:
-    engine = make_engine(tiny_gpt2_dir, max_batch_size=1)
-    engine._eos_ids = set()
-    slow_model(engine, 0.003)
+    engine = slow_engine(tiny_gpt2_dir, 0.003, max_batch_size=1)
 
     async def main() -> None:
         first = engine.stream(engine.prepare_completion(PROMPTS[2]), greedy(engine, 60))
@@ -519,12 +509,8 @@ def test_cancelling_a_waiting_request_removes_it_from_the_queue(
     assert engine.stats.requests_finished == 1
 
 
-def test_full_queue_refuses_at_once(
-    tiny_gpt2_dir: Path, make_engine: EngineFactory, slow_model: Callable[[Engine, float], None]
-) -> None:
-    engine = make_engine(tiny_gpt2_dir, max_batch_size=1, max_queue_size=1)
-    engine._eos_ids = set()
-    slow_model(engine, 0.005)
+def test_full_queue_refuses_at_once(tiny_gpt2_dir: Path, slow_engine: EngineFactory) -> None:
+    engine = slow_engine(tiny_gpt2_dir, 0.005, max_batch_size=1, max_queue_size=1)
 
     async def main() -> None:
         running = engine.stream(engine.prepare_completion(PROMPTS[2]), greedy(engine, 200))
@@ -544,12 +530,8 @@ def test_full_queue_refuses_at_once(
     run(main())
 
 
-def test_request_timeout(
-    tiny_llama_dir: Path, make_engine: EngineFactory, slow_model: Callable[[Engine, float], None]
-) -> None:
-    engine = make_engine(tiny_llama_dir, request_timeout_s=0.3, max_batch_size=1)
-    engine._eos_ids = set()
-    slow_model(engine, 0.005)
+def test_request_timeout(tiny_llama_dir: Path, slow_engine: EngineFactory) -> None:
+    engine = slow_engine(tiny_llama_dir, 0.005, request_timeout_s=0.3, max_batch_size=1)
 
     async def main() -> None:
         async def long_one() -> list[TextChunk]:
@@ -757,12 +739,8 @@ def test_failed_start_reports_why(make_settings: Callable[..., Any]) -> None:
     assert caught.value.type == "unavailable_error"
 
 
-def test_shutdown_ends_requests_in_flight(
-    tiny_gpt2_dir: Path, make_engine: EngineFactory, slow_model: Callable[[Engine, float], None]
-) -> None:
-    engine = make_engine(tiny_gpt2_dir)
-    engine._eos_ids = set()
-    slow_model(engine, 0.005)
+def test_shutdown_ends_requests_in_flight(tiny_gpt2_dir: Path, slow_engine: EngineFactory) -> None:
+    engine = slow_engine(tiny_gpt2_dir, 0.005)
 
     async def main() -> None:
         stream = engine.stream(engine.prepare_completion(PROMPTS[2]), greedy(engine, 200))
