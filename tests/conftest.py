@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 
 # The hub is unreachable here and in CI; make sure nothing tries it. Set before transformers is imported anywhere.
@@ -16,6 +17,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from inference.engine import Engine
 from inference.settings import Settings
 from tests.tiny_models import build_tiny_model
+
+if TYPE_CHECKING:  # importing it loads the app (FastAPI, Gradio), which engine-only test runs don't need
+    from tests.live_server import LiveServer
 
 SettingsFactory = Callable[..., Settings]
 
@@ -99,3 +103,10 @@ def make_engine(make_settings: SettingsFactory) -> Iterator[Callable[..., Engine
     yield factory
     for engine in engines:
         engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(server: LiveServer) -> Iterator[httpx.Client]:
+    """An HTTP client for the test module's own `server` (each web-layer module starts the server it needs)."""
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client

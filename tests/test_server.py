@@ -32,12 +32,6 @@ def server(tiny_llama_dir: Path, make_settings: Any) -> Iterator[LiveServer]:
 
 
 @pytest.fixture(scope="module")
-def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def gradio(server: LiveServer) -> Client:
     return Client(server.url + "/", verbose=False)
 
