@@ -27,7 +27,7 @@ from api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from api.openai import router as openai_router
 from api.routes import router
 from inference import __version__
-from inference.engine import Engine, EngineState
+from inference.engine import Engine, EngineFrontEnd, EngineState
 from inference.settings import Settings, get_settings
 from ui import CSS, THEME, build_ui
 from ui.handlers import Handlers
@@ -35,7 +35,7 @@ from ui.handlers import Handlers
 logger = logging.getLogger("app")
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: EngineFrontEnd | None = None) -> FastAPI:
     settings = settings or get_settings()
     engine = engine or Engine(settings)
 
@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
 
 
-def _start_engine(engine: Engine) -> None:
+def _start_engine(engine: EngineFrontEnd) -> None:
     # A failure is already logged and kept by the engine; /health reports it.
     with contextlib.suppress(Exception):
         engine.start()
@@ -97,7 +97,7 @@ class DrainingServer(uvicorn.Server):
     """On SIGTERM or Ctrl-C: refuse new requests first (503), then let uvicorn finish the running ones within
     SHUTDOWN_GRACE_S; the lifespan's shutdown cancels whatever is left."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+    def __init__(self, config: uvicorn.Config, engine: EngineFrontEnd) -> None:
         super().__init__(config)
         self.engine = engine
 

@@ -6,14 +6,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from api.routes import EngineDep
-from inference.engine import Engine, EngineState
+from inference.engine import EngineFrontEnd, EngineState
 from inference.schemas import HealthResponse
 
 router = APIRouter(tags=["service"])
 NOT_READY = {503: {"model": HealthResponse, "description": "Loading, failed to load, or shutting down."}}
 
 
-def health_body(engine: Engine) -> tuple[HealthResponse, int]:
+def health_body(engine: EngineFrontEnd) -> tuple[HealthResponse, int]:
     ready = engine.state is EngineState.READY
     if engine.state is EngineState.FAILED:
         reason = engine.failure

@@ -13,7 +13,7 @@ from fastapi.sse import EventSourceResponse
 from api.errors import ERROR_RESPONSES
 from api.routes import EngineDep, SettingsDep, request_id, timing_headers
 from api.sse import sse_response
-from inference.engine import Engine, GenerationResult, PreparedPrompt, RequestHandle, TextChunk
+from inference.engine import EngineFrontEnd, GenerationResult, RequestHandleBase, TextChunk
 from inference.errors import EngineError, UnknownModelError
 from inference.openai_schemas import (
     OPENAI_FINISH_REASONS,
@@ -32,6 +32,7 @@ from inference.openai_schemas import (
     OpenAIUsage,
     SamplingFields,
 )
+from inference.prompts import PreparedPrompt
 from inference.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -58,11 +59,11 @@ def usage_of(results: list[GenerationResult], prompt_tokens: int) -> OpenAIUsage
 
 
 def submit_all(
-    engine: Engine, settings: Settings, body: SamplingFields, prompts: list[PreparedPrompt], max_tokens: int | None,
-    request: Request, route: str,
-) -> list[RequestHandle]:  # fmt: skip
+    engine: EngineFrontEnd, settings: Settings, body: SamplingFields, prompts: list[PreparedPrompt],
+    max_tokens: int | None, request: Request, route: str,
+) -> list[RequestHandleBase]:  # fmt: skip
     """One engine request per (prompt, choice); if one is refused, those already queued are cancelled."""
-    handles: list[RequestHandle] = []
+    handles: list[RequestHandleBase] = []
     try:
         for prompt in prompts:
             for choice in range(body.n):
@@ -78,12 +79,12 @@ def submit_all(
 
 
 async def merged_events(
-    handles: list[RequestHandle],
+    handles: list[RequestHandleBase],
 ) -> AsyncIterator[tuple[int, TextChunk | GenerationResult]]:
     """Events of several requests as they come, tagged with the request's index; closing it cancels them all."""
     queue: asyncio.Queue[tuple[int, TextChunk | GenerationResult | EngineError | None]] = asyncio.Queue()
 
-    async def pump(index: int, handle: RequestHandle) -> None:
+    async def pump(index: int, handle: RequestHandleBase) -> None:
         try:
             async for event in handle.events():
                 await queue.put((index, event))
@@ -110,7 +111,7 @@ async def merged_events(
             handle.cancel()
 
 
-async def results_of(handles: list[RequestHandle]) -> list[GenerationResult]:
+async def results_of(handles: list[RequestHandleBase]) -> list[GenerationResult]:
     results: list[GenerationResult | None] = [None] * len(handles)
     async for index, event in merged_events(handles):
         if isinstance(event, GenerationResult):

@@ -11,7 +11,7 @@ from fastapi.sse import EventSourceResponse
 
 from api.errors import ERROR_RESPONSES
 from api.sse import sse_response
-from inference.engine import Engine, GenerationResult, TextChunk
+from inference.engine import EngineFrontEnd, GenerationResult, TextChunk
 from inference.errors import InvalidRequestError
 from inference.prompts import ChatMessage
 from inference.schemas import (
@@ -30,8 +30,8 @@ from inference.settings import Settings
 router = APIRouter()
 
 
-def get_engine(request: Request) -> Engine:
-    engine: Engine = request.app.state.engine
+def get_engine(request: Request) -> EngineFrontEnd:
+    engine: EngineFrontEnd = request.app.state.engine
     return engine
 
 
@@ -44,7 +44,7 @@ def request_id(request: Request) -> str:
     return str(getattr(request.state, "request_id", "-"))
 
 
-EngineDep = Annotated[Engine, Depends(get_engine)]
+EngineDep = Annotated[EngineFrontEnd, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 

@@ -127,6 +127,8 @@ class EngineStats:
 class RequestHandleBase(abc.ABC):
     """A submitted request, wherever it runs: `events()` yields its text as it comes, then its result."""
 
+    request_id: str
+
     @abc.abstractmethod
     def events(self) -> AsyncIterator[TextChunk | GenerationResult]: ...
 
@@ -151,6 +153,24 @@ class EngineFrontEnd(abc.ABC):
     formatter: PromptFormatter | None
     # Told of the end of every accepted request: (route, status, result or None).
     observers: list[Callable[[str, str, GenerationResult | None], None]]
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Blocking: load (or reach) the model; called once, from a start-up thread."""
+
+    @abc.abstractmethod
+    def drain(self) -> None:
+        """Refuse new requests from now on; those already accepted keep running."""
+
+    @abc.abstractmethod
+    def shutdown(self, timeout_s: float = 5.0) -> None: ...
+
+    @abc.abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    @abc.abstractmethod
+    def snapshot(self) -> dict[str, int]:
+        """Live figures: requests running and waiting, and the current batch size."""
 
     @property
     @abc.abstractmethod
@@ -219,10 +239,7 @@ class RequestHandle(RequestHandleBase):
         self._engine = engine
         self._sequence = sequence
         self._events = events
-
-    @property
-    def request_id(self) -> str:
-        return self._sequence.request_id
+        self.request_id = sequence.request_id
 
     @property
     def prompt_tokens(self) -> int:

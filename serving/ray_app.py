@@ -26,9 +26,10 @@ from ray.serve import Application
 from ray.serve._private.http_util import ASGIAppReplicaWrapper
 from ray.serve.handle import DeploymentHandle
 
-from inference.engine import Engine, EngineState, GenerationResult, PreparedPrompt, TextChunk
+from inference.engine import Engine, EngineState, GenerationResult, TextChunk
 from inference.errors import EngineError
 from inference.params import SamplingParams
+from inference.prompts import PreparedPrompt
 from inference.schemas import ModelInfo
 from inference.settings import Settings
 from serving.remote_engine import POLL_S, RemoteEngine

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from inference.engine import Engine
+from inference.engine import EngineFrontEnd
 from inference.settings import Settings
 from ui.events import wire
 from ui.handlers import Handlers
@@ -16,7 +16,7 @@ from ui.layout import CSS, THEME, draw
 __all__ = ["CSS", "THEME", "build_ui"]
 
 
-def build_ui(engine: Engine, settings: Settings, handlers: Handlers | None = None) -> gr.Blocks:
+def build_ui(engine: EngineFrontEnd, settings: Settings, handlers: Handlers | None = None) -> gr.Blocks:
     handlers = handlers or Handlers(engine, settings)
     with gr.Blocks(title="LLM playground") as demo:
         playground = draw(settings)

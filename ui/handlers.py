@@ -14,10 +14,10 @@ from typing import Any
 
 import gradio as gr
 
-from inference.engine import Engine, GenerationResult, PreparedPrompt, TextChunk
+from inference.engine import EngineFrontEnd, GenerationResult, TextChunk
 from inference.errors import EngineError, InvalidRequestError
 from inference.params import SamplingParams, build_sampling_params
-from inference.prompts import ChatMessage
+from inference.prompts import ChatMessage, PreparedPrompt
 from inference.schemas import ModelInfo
 from inference.settings import Settings
 from ui.layout import TOP_K_SLIDER_MAX
@@ -125,7 +125,7 @@ def format_model_info(info: ModelInfo, snapshot: dict[str, int]) -> str:
 class Handlers:
     """Bound to one engine; every method here is what an event listener or `gr.api` calls."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: EngineFrontEnd, settings: Settings) -> None:
         self.engine = engine
         self.settings = settings
         # How many requests each call of the batched /generate received (proof that Gradio's queue batches).
