@@ -25,12 +25,20 @@ from inference.kv_cache import SlotCache
 LinearFactory = Callable[[torch.Tensor, torch.Tensor | None, str], nn.Module]
 
 
+class FloatLinear(nn.Module):
+    """A float32 linear layer over given weights (nn.Linear would first fill fresh ones at random)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = weight.detach().float()
+        self.bias = None if bias is None else bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> nn.Module:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    linear.weight.data = weight.detach().float()
-    if bias is not None:
-        linear.bias.data = bias.detach().float()
-    return linear
+    return FloatLinear(weight, bias)
 
 
 def supports(model: PreTrainedModel) -> bool:
@@ -57,9 +65,12 @@ class _Layer:
 
 
 class LlamaDecoder:
-    """Prefill and decode for a Llama model; `linear` decides how the projections are stored (float32, int8...)."""
+    """Prefill and decode for a Llama model; `linear` decides how the projections are stored (float32, int8...).
+    It copies what it needs, so the transformers model may be dropped once it is built."""
 
-    def __init__(self, model: PreTrainedModel, linear: LinearFactory = plain_linear) -> None:
+    def __init__(
+        self, model: PreTrainedModel, linear: LinearFactory = plain_linear, embedding_dtype: torch.dtype | None = None
+    ) -> None:
         config: Any = model.config
         inner: Any = model.model
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -70,7 +81,8 @@ class LlamaDecoder:
         self.layers = [self._layer(index, layer, linear) for index, layer in enumerate(inner.layers)]
         self.final_norm = inner.norm.weight.detach().float()
         self.lm_head = linear(model.lm_head.weight, None, "lm_head")
-        self.embedding = inner.embed_tokens.weight.detach()
+        # looked up a few rows a step, so it may be stored smaller (float16 halves it) and widened as rows are read
+        self.embedding = inner.embed_tokens.weight.detach().to(embedding_dtype or torch.float32)
         # cos/sin of every position once (a few MB), from the model's own rotary module: any rope scaling it applies
         positions = torch.arange(config.max_position_embeddings, device=self.device).unsqueeze(0)
         cos, sin = inner.rotary_emb(self.embedding[:1].float(), positions)
@@ -107,13 +119,9 @@ class LlamaDecoder:
 
     # ----- prefill: prompts of one length, a fresh cache ---------------------------------------------------------
 
-    @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], all_logits: bool = False) -> tuple[DynamicCache, torch.Tensor]:
-        """Run same-length prompts through the model; return their cache and the last position's logits (or every
-        position's, for a perplexity check)."""
-        input_ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
+    def _prompt_forward(self, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """Every position's last hidden state for same-length prompts [rows, width], filling `cache`."""
         rows, width = input_ids.shape
-        cache = DynamicCache()
         # 1. token embeddings, and each position's rotary factors
         hidden = self.embedding[input_ids].float()
         cos, sin = self.cos[:width].unsqueeze(1), self.sin[:width].unsqueeze(1)  # [width, 1, head_dim]
@@ -131,9 +139,21 @@ class LlamaDecoder:
             hidden = hidden + layer.out(attended.transpose(1, 2).reshape(rows, width, -1))
             # 3. the feed-forward block
             hidden = self._mlp(layer, hidden)
-        # 4. logits of the last position only (unless every position's are asked for)
-        last = hidden if all_logits else hidden[:, -1]
-        return cache, self.lm_head(self._norm(last, self.final_norm))
+        return self._norm(hidden, self.final_norm)
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]]) -> tuple[DynamicCache, torch.Tensor]:
+        """Run same-length prompts through the model; return their cache and the last position's logits."""
+        cache = DynamicCache()
+        hidden = self._prompt_forward(torch.tensor(prompts, dtype=torch.long, device=self.device), cache)
+        logits: torch.Tensor = self.lm_head(hidden[:, -1])
+        return cache, logits
+
+    @torch.inference_mode()
+    def logits(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Every position's logits for token_ids [1, n] (the quality check's perplexity)."""
+        logits: torch.Tensor = self.lm_head(self._prompt_forward(token_ids.to(self.device), DynamicCache()))
+        return logits
 
     # ----- decode: one new token per row of the running batch ----------------------------------------------------
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from inference import batch as batching
+from inference.decoders import TransformersDecoder
 from inference.fast_llama import LlamaDecoder, supports
 
 
@@ -26,7 +26,7 @@ def test_llama_is_supported_and_gpt2_is_not(llama: PreTrainedModel, tiny_gpt2_di
 
 def test_prefill_matches_transformers(llama: PreTrainedModel) -> None:
     prompts = [[5, 6, 7, 8, 9], [20, 21, 22, 23, 24]]
-    _, expected = batching.prefill(llama, prompts)
+    _, expected = batching.prefill(TransformersDecoder(llama), prompts)
     _, logits = LlamaDecoder(llama).prefill(prompts)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
@@ -35,7 +35,7 @@ def test_prefill_can_return_every_positions_logits(llama: PreTrainedModel) -> No
     ids = [[5, 6, 7, 8, 9, 10]]
     with torch.inference_mode():
         expected = llama(torch.tensor(ids)).logits
-    _, logits = LlamaDecoder(llama).prefill(ids, all_logits=True)
+    logits = LlamaDecoder(llama).logits(torch.tensor(ids))
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -69,16 +69,8 @@ def test_decoding_a_padded_batch_matches_transformers(llama: PreTrainedModel) ->
     decoder = LlamaDecoder(llama)
 
     def hf_prefill(prompts: list[list[int]]) -> tuple[object, torch.Tensor]:
-        prefilled, logits = batching.prefill(llama, prompts)
+        prefilled, logits = batching.prefill(TransformersDecoder(llama), prompts)
         return prefilled.cache, logits
 
-    def fast_step(batch: batching.RunningBatch) -> torch.Tensor:
-        assert batch.cache is not None
-        batch.cache.reserve_columns(1)
-        batch.attention_mask = F.pad(batch.attention_mask, (0, 1), value=1)
-        logits = decoder.decode(batch.cache, batch.next_tokens, batch.next_positions, batch.attention_mask)
-        batch.next_positions = batch.next_positions + 1
-        return logits
-
-    expected = greedy_rows(prompts, hf_prefill, lambda batch: batch.step(llama))
-    assert greedy_rows(prompts, decoder.prefill, fast_step) == expected
+    expected = greedy_rows(prompts, hf_prefill, lambda batch: batch.step(TransformersDecoder(llama)))
+    assert greedy_rows(prompts, decoder.prefill, lambda batch: batch.step(decoder)) == expected

@@ -8,7 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from inference.quantization import Float16Linear, Int8Linear, fbgemm_available, input_absmax, perplexity
+from inference.quantization import (
+    Float16Linear,
+    Int8Linear,
+    QualityCheck,
+    compare,
+    fbgemm_available,
+    input_absmax,
+    perplexity,
+)
 
 pytestmark = pytest.mark.skipif(not fbgemm_available(), reason="fbgemm needs an x86 CPU with AVX2")
 
@@ -79,4 +87,29 @@ def test_perplexity_is_exp_of_the_mean_negative_log_likelihood() -> None:
     logits = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))
     ids = torch.tensor([[0, 1, 0]])
     expected = math.exp(-(math.log(0.5) + math.log(0.25)) / 2)
-    assert perplexity(lambda _: logits, ids) == pytest.approx(expected)
+    assert perplexity(logits, ids) == pytest.approx(expected)
+
+
+def test_the_quality_check_compares_perplexity_and_the_likeliest_tokens() -> None:
+    torch.manual_seed(2)
+    reference = torch.randn(1, 50, 10)
+    ids = reference.argmax(-1)  # a text the reference finds likely
+    flipped = reference.clone()
+    flipped[0, :5] = -flipped[0, :5]  # 5 of 50 positions now prefer another token
+    same = compare(reference, reference.clone(), ids)
+    assert same.perplexity == same.perplexity_float32
+    assert same.top1_agreement == 1.0
+    assert same.passes
+    worse = compare(reference, flipped, ids)
+    assert worse.top1_agreement == 0.9
+    assert worse.perplexity > worse.perplexity_float32
+    assert not worse.passes
+
+
+@pytest.mark.parametrize(
+    ("perplexity_now", "agreement", "passes"), [(10.29, 0.99, True), (10.31, 0.99, False), (10.0, 0.979, False)]
+)
+def test_the_gate_is_3_percent_perplexity_and_98_percent_agreement(
+    perplexity_now: float, agreement: float, passes: bool
+) -> None:
+    assert QualityCheck(10.0, perplexity_now, agreement).passes is passes
