@@ -38,6 +38,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import marked_sections  # noqa: E402
+
 WORDS = [
     "the",
     "city",
@@ -452,7 +454,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     extra = path.parent / "benchmarks-threads.md"
     if extra.exists():
         lines += [extra.read_text().strip(), ""]
-    path.write_text("\n".join(lines))
+    kept = marked_sections(path)  # other scripts' sections (bench_speed.py's) stay as they are
+    path.write_text("\n".join([*lines, *kept, ""]))
 
 
 def _bfloat16_note() -> list[str]:
