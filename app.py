@@ -64,10 +64,9 @@ def create_app(settings: Settings | None = None, engine: EngineFrontEnd | None =
     install_error_handlers(app)
     # Added innermost first: request ids and metrics see every request, even one refused for its size.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
-        )
+    # Always present, even with no origin listed: Gradio then leaves CORS to it (mount_gradio_app's documented
+    # switch) instead of adding its own layer, which grants any Origin, with credentials, when Host isn't localhost.
+    app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health_router)
