@@ -21,6 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from api.auth import playground_auth, require_api_key
 from api.errors import install_error_handlers
+from api.fallback import ApiFallback
 from api.health import router as health_router
 from api.metrics import HttpMetricsMiddleware, Metrics
 from api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None, engine: EngineFrontEnd | None =
     protected = [Depends(require_api_key)]
     app.include_router(router, dependencies=protected)
     app.include_router(openai_router, dependencies=protected)
+    app.router.routes.append(ApiFallback())
     # Mounted last: routes added after a mount at "/" would be shadowed by it.
     return gr.mount_gradio_app(
         app,

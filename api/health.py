@@ -2,30 +2,43 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from api.routes import EngineDep
 from inference.engine import EngineFrontEnd, EngineState
 from inference.schemas import HealthResponse
+from inference.settings import Settings
 
 router = APIRouter(tags=["service"])
 NOT_READY = {503: {"model": HealthResponse, "description": "Loading, failed to load, or shutting down."}}
+# Probes answer HEAD too: some load balancers and uptime checkers only send HEAD.
+PROBE_METHODS = ["GET", "HEAD"]
+
+
+def public_model_name(settings: Settings) -> str:
+    """The model's name without the server's file paths: a folder's own name, or the hub id."""
+    folder = Path(settings.model_id).expanduser()
+    return folder.name if folder.is_dir() else settings.model_id
 
 
 def health_body(engine: EngineFrontEnd) -> tuple[HealthResponse, int]:
+    """Open to anyone, even with API_KEY set: no file paths here (the log has the whole failure)."""
     ready = engine.state is EngineState.READY
     if engine.state is EngineState.FAILED:
-        reason = engine.failure
+        reason = "The model failed to load; the server log says why."
     elif engine.state is EngineState.DRAINING:
         reason = "The server is shutting down."
     else:
         reason = None if ready else f"The model is {engine.state.value}."
     status = "ok" if ready else engine.state.value
-    return HealthResponse(status=status, model_id=engine.settings.model_id, reason=reason), 200 if ready else 503
+    body = HealthResponse(status=status, model_id=public_model_name(engine.settings), reason=reason)
+    return body, 200 if ready else 503
 
 
-@router.get("/health", response_model=HealthResponse, responses=NOT_READY)
+@router.api_route("/health", methods=PROBE_METHODS, response_model=HealthResponse, responses=NOT_READY)
 async def health(engine: EngineDep) -> JSONResponse:
     """200 once the model is ready to serve; 503 with the reason while it loads, if loading failed, or while
     shutting down."""
@@ -33,14 +46,14 @@ async def health(engine: EngineDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=status)
 
 
-@router.get("/health/ready", response_model=HealthResponse, responses=NOT_READY)
+@router.api_route("/health/ready", methods=PROBE_METHODS, response_model=HealthResponse, responses=NOT_READY)
 async def ready(engine: EngineDep) -> JSONResponse:
     """Readiness probe: the model is loaded and the server is not draining (same answer as /health)."""
     body, status = health_body(engine)
     return JSONResponse(body.model_dump(), status_code=status)
 
 
-@router.get("/health/live")
+@router.api_route("/health/live", methods=PROBE_METHODS)
 async def live() -> dict[str, str]:
     """Liveness probe: the process is up and its event loop answers, whatever the model is doing."""
     return {"status": "alive"}

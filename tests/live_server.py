@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -30,8 +30,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(settings: Settings, ready_timeout_s: float = 60.0) -> Iterator[LiveServer]:
-    """Start the app, wait until /health says ok, and stop it afterwards."""
+def serve(
+    settings: Settings,
+    ready_timeout_s: float = 60.0,
+    settled: Callable[[httpx.Response], bool] = lambda health: health.status_code == 200,
+) -> Iterator[LiveServer]:
+    """Start the app, wait until its /health answer is `settled` (by default: ok), and stop it afterwards."""
     port = free_port()
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
@@ -41,7 +45,7 @@ def serve(settings: Settings, ready_timeout_s: float = 60.0) -> Iterator[LiveSer
     deadline = time.monotonic() + ready_timeout_s
     while True:
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if settled(httpx.get(f"{url}/health", timeout=2)):
                 break
         except httpx.TransportError:
             pass

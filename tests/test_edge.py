@@ -95,3 +95,80 @@ def test_a_listed_origin_may_call_the_api_and_no_other(cors_server: LiveServer) 
         for origin in FOREIGN_ORIGINS:
             foreign = client.get("/gradio_api/token", headers={"Origin": origin})
             assert granted(foreign) == {}, origin
+
+
+# ----- paths and methods nobody serves ------------------------------------------------------------------------------
+
+UNKNOWN_PATHS = ["/v1", "/v1/nope", "/v1/chat", "/v1/chat/completions/x", "/generate/x", "/health/nope",
+                 "/model-info/x", "/metrics/x", "/tokenize/"]  # fmt: skip
+WRONG_METHODS = [
+    ("GET", "/generate", "POST"),
+    ("PUT", "/tokenize", "POST"),
+    ("GET", "/v1/chat/completions", "POST"),
+    ("DELETE", "/v1/completions", "POST"),
+    ("POST", "/v1/models", "GET"),
+    ("POST", "/health", "GET, HEAD"),
+    ("PATCH", "/health/ready", "GET, HEAD"),
+    ("POST", "/model-info", "GET"),
+    ("POST", "/metrics", "GET"),
+]
+
+
+@pytest.mark.parametrize("path", UNKNOWN_PATHS)
+def test_unknown_api_paths_get_404_in_the_error_shape(http: httpx.Client, path: str) -> None:
+    for method in ("GET", "POST"):
+        assert path in assert_error(http.request(method, path), 404)["message"]
+
+
+@pytest.mark.parametrize(("method", "path", "allow"), WRONG_METHODS)
+def test_a_wrong_method_gets_405_with_allow(http: httpx.Client, method: str, path: str, allow: str) -> None:
+    response = http.request(method, path)
+    assert_error(response, 405)
+    assert response.headers["allow"] == allow
+
+
+@pytest.mark.parametrize("path", ["/health", "/health/ready", "/health/live"])
+def test_probes_answer_head(http: httpx.Client, path: str) -> None:
+    response = http.head(path)
+    assert response.status_code == 200
+    assert response.content == b""
+
+
+def test_the_playground_still_owns_every_other_path(http: httpx.Client) -> None:
+    assert http.get("/").status_code == 200
+    assert http.get("/gradio_api/info").status_code == 200
+
+
+# ----- the model list and what the open routes show ----------------------------------------------------------------
+
+
+def test_a_model_can_be_retrieved_by_id(http: httpx.Client, server: LiveServer) -> None:
+    model_id = server.app.state.settings.model_id
+    listed = http.get("/v1/models").json()["data"]
+    assert [card["id"] for card in listed] == [model_id]
+    for name in (model_id, Path(model_id).name):
+        card = http.get(f"/v1/models/{name}")
+        assert card.status_code == 200, card.text
+        assert card.json() == listed[0]
+    assert assert_error(http.get("/v1/models/gpt-4"), 404)["param"] == "model"
+
+
+def test_health_shows_no_server_paths(http: httpx.Client, server: LiveServer) -> None:
+    folder = server.app.state.settings.model_id
+    body = http.get("/health").json()
+    assert body["model_id"] == Path(folder).name
+    assert str(Path(folder).parent) not in http.get("/health").text
+    assert str(Path(folder).parent) not in http.get("/health/ready").text
+
+
+def test_a_model_that_failed_to_load_is_not_listed(make_settings: Any, tmp_path: Path) -> None:
+    missing = tmp_path / "models" / "gone"
+    missing.mkdir(parents=True)  # a folder without a model in it: loading fails with its path in the message
+    with serve(make_settings(missing), settled=lambda health: health.json()["status"] == "failed") as live:
+        url = live.url
+        assert httpx.get(f"{url}/v1/models").json()["data"] == []
+        assert_error(httpx.get(f"{url}/v1/models/gone"), 503)
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503
+        assert health.json()["status"] == "failed"
+        assert str(tmp_path) not in health.text
