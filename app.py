@@ -27,6 +27,7 @@ from api.metrics import HttpMetricsMiddleware, Metrics
 from api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from api.openai import router as openai_router
 from api.routes import router
+from api.uploads import NoUploads
 from inference import __version__
 from inference.engine import Engine, EngineFrontEnd, EngineState
 from inference.settings import Settings, get_settings
@@ -74,7 +75,7 @@ def create_app(settings: Settings | None = None, engine: EngineFrontEnd | None =
     protected = [Depends(require_api_key)]
     app.include_router(router, dependencies=protected)
     app.include_router(openai_router, dependencies=protected)
-    app.router.routes.append(ApiFallback())
+    app.router.routes.extend([ApiFallback(), NoUploads()])
     # Mounted last: routes added after a mount at "/" would be shadowed by it.
     return gr.mount_gradio_app(
         app,

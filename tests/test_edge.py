@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.routing import Mount
 
 from tests.live_server import LiveServer, serve
 
@@ -172,3 +173,63 @@ def test_a_model_that_failed_to_load_is_not_listed(make_settings: Any, tmp_path:
         assert health.status_code == 503
         assert health.json()["status"] == "failed"
         assert str(tmp_path) not in health.text
+
+
+# ----- uploads ------------------------------------------------------------------------------------------------------
+
+
+def gradio_app(server: LiveServer) -> Any:
+    return next(route.app for route in server.app.routes if isinstance(route, Mount))
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {path for path in folder.rglob("*") if path.is_file()} if folder.exists() else set()
+
+
+def streamed(total_bytes: int, chunk: bytes = b"x" * 65536) -> Iterator[bytes]:
+    """A body without Content-Length (chunked), as a client that streams an upload sends it."""
+    for _ in range(total_bytes // len(chunk)):
+        yield chunk
+
+
+def multipart_head(boundary: str, filename: str) -> bytes:
+    return (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{filename}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize("path", ["/gradio_api/upload", "/gradio_api/upload/", "/gradio_api/process_recording",
+                                  "/gradio_api/component_server"])  # fmt: skip
+def test_uploads_are_refused_and_leave_no_file(http: httpx.Client, server: LiveServer, path: str) -> None:
+    upload_dir = Path(gradio_app(server).uploaded_file_dir)
+    before = files_under(upload_dir)
+    small = http.post(path, files={"files": ("notes.txt", b"hello " * 100)}, data={"session_hash": "x"})
+    assert "no file uploads" in assert_error(small, 403)["message"]
+    boundary = "b0undary"
+    big = http.post(
+        path,
+        content=iter([multipart_head(boundary, "big.bin"), *streamed(3_000_000)]),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert big.status_code in (403, 413)
+    assert_error(big, big.status_code)
+    assert files_under(upload_dir) == before
+
+
+def test_a_body_over_the_limit_gets_413_in_the_error_shape_on_gradio_routes_too(http: httpx.Client) -> None:
+    json_body = {"content-type": "application/json"}
+    for path in ("/gradio_api/queue/join", "/generate", "/v1/completions"):
+        assert_error(http.post(path, content=b"{" + b" " * 1_100_000 + b"}", headers=json_body), 413)
+        chunked = http.post(path, content=streamed(2_000_000), headers=json_body)
+        assert "MAX_BODY_BYTES" in assert_error(chunked, 413)["message"], path
+
+
+def test_gradio_deletes_the_files_it_made_for_the_app_at_shutdown(tiny_llama_dir: Path, make_settings: Any) -> None:
+    with serve(make_settings(tiny_llama_dir)) as live:
+        blocks = gradio_app(live).get_blocks()
+        cached = Path(gradio_app(live).uploaded_file_dir) / "edge-test" / "made-by-the-app.txt"
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text("a file Gradio made for this app, such as an upload or a component's output")
+        blocks.upload_file_set.add(str(cached))  # as Gradio records what it wrote
+    assert not cached.exists()

@@ -15,10 +15,13 @@ from ui.layout import CSS, THEME, draw
 
 __all__ = ["CSS", "THEME", "build_ui"]
 
+GRADIO_CACHE_SWEEP_S = 3600
+
 
 def build_ui(engine: EngineFrontEnd, settings: Settings, handlers: Handlers | None = None) -> gr.Blocks:
     handlers = handlers or Handlers(engine, settings)
-    with gr.Blocks(title="LLM playground") as demo:
+    # Gradio deletes the files it made for this app once they are an hour old, and all of them at shutdown.
+    with gr.Blocks(title="LLM playground", delete_cache=(GRADIO_CACHE_SWEEP_S, GRADIO_CACHE_SWEEP_S)) as demo:
         playground = draw(settings)
         wire(playground, handlers, settings)
         demo.load(
