@@ -27,6 +27,7 @@ from api.metrics import HttpMetricsMiddleware, Metrics
 from api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from api.openai import router as openai_router
 from api.routes import router
+from api.server import server_config
 from api.uploads import NoUploads
 from inference import __version__
 from inference.engine import Engine, EngineFrontEnd, EngineState
@@ -125,13 +126,7 @@ def main() -> None:
     logger.info(
         "Serving on http://%s:%d (playground at /, API docs at /docs)", settings.server_name, settings.server_port
     )
-    config = uvicorn.Config(
-        app,
-        host=settings.server_name,
-        port=settings.server_port,
-        log_level="warning",
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-    )
+    config = server_config(app, settings, timeout_graceful_shutdown=int(settings.shutdown_grace_s))
     DrainingServer(config, engine).run()
 
 
