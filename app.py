@@ -8,14 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from types import FrameType
 
 import gradio as gr
-import uvicorn
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -27,7 +24,7 @@ from api.metrics import HttpMetricsMiddleware, Metrics
 from api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from api.openai import router as openai_router
 from api.routes import router
-from api.server import server_config
+from api.server import DrainingServer, server_config
 from api.uploads import NoUploads
 from inference import __version__
 from inference.engine import Engine, EngineFrontEnd, EngineState
@@ -96,23 +93,6 @@ def _start_engine(engine: EngineFrontEnd) -> None:
         engine.start()
 
 
-class DrainingServer(uvicorn.Server):
-    """On SIGTERM or Ctrl-C: refuse new requests first (503), then let uvicorn finish the running ones within
-    SHUTDOWN_GRACE_S; the lifespan's shutdown cancels whatever is left."""
-
-    def __init__(self, config: uvicorn.Config, engine: EngineFrontEnd) -> None:
-        super().__init__(config)
-        self.engine = engine
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig in (signal.SIGTERM, signal.SIGINT):
-            self.engine.drain()
-        super().handle_exit(sig, frame)
-        # uvicorn re-raises the signal after its graceful shutdown, so the process would die "by SIGTERM" (exit
-        # -15); a drained shutdown is a clean one, and orchestrators expect exit code 0 for it.
-        self._captured_signals.clear()
-
-
 def main() -> None:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -126,8 +106,7 @@ def main() -> None:
     logger.info(
         "Serving on http://%s:%d (playground at /, API docs at /docs)", settings.server_name, settings.server_port
     )
-    config = server_config(app, settings, timeout_graceful_shutdown=int(settings.shutdown_grace_s))
-    DrainingServer(config, engine).run()
+    DrainingServer(server_config(app, settings), engine, settings.shutdown_grace_s).run()
 
 
 if __name__ == "__main__":
