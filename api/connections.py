@@ -11,8 +11,9 @@ probes included. Instead:
 - a head over MAX_HEAD_BYTES gets 431 and close.
 
 Built on uvicorn's httptools protocol (httptools is pinned), through uvicorn's `http=` option, which takes a class;
-it uses that class's hooks `connection_made`, `data_received`, `on_response_complete`, `connection_lost` and its
-`cycle`. tests/test_connections.py fails if an upgrade of uvicorn changes them.
+it uses that class's hooks `connection_made`, `data_received`, the parser's `on_headers_complete` and
+`on_message_complete`, `on_response_complete`, `connection_lost`, and its `cycle` and `pipeline`.
+tests/test_connections.py fails if an upgrade of uvicorn changes them.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_deadline: asyncio.TimerHandle | None = None
+        self._reading_head = True  # the next bytes belong to a request head (none has begun, or one is incomplete)
         self._head_bytes = 0
         self._counted = False
 
@@ -69,22 +71,31 @@ class GuardedProtocol(HttpToolsProtocol):
         self.guard.make_room()  # may close this very connection, if every other one is busy
 
     def data_received(self, data: bytes) -> None:
-        was_idle = self._idle
-        super().data_received(data)
+        was_reading_head = self._reading_head
+        super().data_received(data)  # calls on_headers_complete and on_message_complete as they happen
         if self.transport.is_closing():
             return
-        if not self._idle:  # a whole head arrived: the request is the app's now
-            self._head_bytes = 0
+        if not (self._reading_head and self._idle):  # a request is being read, or is the app's
             self._cancel_head_deadline()
-            self.guard.idle.pop(self, None)
             return
-        # still waiting for a whole head: these bytes were part of it (only roughly when a pipelined head starts
-        # mid-chunk, which this then undercounts by less than one read)
-        self._head_bytes += len(data) if was_idle else 0
+        # The bytes of a head still incomplete. A head that began inside this read (pipelined after a body) is not
+        # counted until the next read: at most one read's worth too few.
+        self._head_bytes += len(data) if was_reading_head else 0
         if self._head_bytes > MAX_HEAD_BYTES:
             self.close(431, f"The request line and headers are larger than {MAX_HEAD_BYTES // 1024} KB.")
             return
         self._arm_head_deadline()
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        self._head_bytes = 0
+        super().on_headers_complete()
+        if not self._idle:  # the request is the app's now: not one to shed
+            self.guard.idle.pop(self, None)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._reading_head = True
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -123,7 +134,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _head_too_slow(self) -> None:
         self._head_deadline = None
-        if self._idle:  # a client that sent nothing at all gets no answer, only the close
+        if self._reading_head and self._idle:  # a client that sent nothing at all gets no answer, only the close
             status = 408 if self._head_bytes else None
             self.close(status, "The request line and headers did not arrive in time (HEADER_TIMEOUT_S).")
 

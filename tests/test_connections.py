@@ -126,6 +126,17 @@ def test_a_head_arriving_slowly_but_in_time_is_served(impatient: LiveServer) -> 
     assert answer.startswith(b"HTTP/1.1 200 ")
 
 
+def test_a_request_that_runs_long_is_not_cut_by_the_head_deadline(impatient: LiveServer) -> None:
+    """A long answer (here the playground's heartbeat stream, which an open tab holds) is no slow head."""
+    with closing(open_sockets(impatient.url, 1, b"GET /gradio_api/heartbeat/a-tab HTTP/1.1\r\nHost: x\r\n\r\n")) as (
+        sock,
+    ):
+        sock.settimeout(10)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        time.sleep(3 * impatient.app.state.settings.header_timeout_s)
+        assert closed_by_server(sock, wait_s=0.5) is None, "the server closed a connection whose request was running"
+
+
 def test_a_huge_head_gets_431(impatient: LiveServer) -> None:
     with closing(open_sockets(impatient.url, 1, HALF_A_HEAD)) as (sock,):
         with contextlib.suppress(ConnectionError):
