@@ -25,6 +25,7 @@ from api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from api.openai import router as openai_router
 from api.routes import router
 from api.server import DrainingServer, server_config
+from api.throttle import FailureBackoff, LoginBackoffMiddleware
 from api.uploads import NoUploads
 from inference import __version__
 from inference.engine import Engine, EngineFrontEnd, EngineState
@@ -61,12 +62,15 @@ def create_app(settings: Settings | None = None, engine: EngineFrontEnd | None =
     app.state.settings = settings
     app.state.metrics = Metrics(engine)
     app.state.ui_handlers = Handlers(engine, settings)
+    app.state.auth_backoff = FailureBackoff()
     install_error_handlers(app)
     # Added innermost first: request ids and metrics see every request, even one refused for its size.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     # Always present, even with no origin listed: Gradio then leaves CORS to it (mount_gradio_app's documented
     # switch) instead of adding its own layer, which grants any Origin, with credentials, when Host isn't localhost.
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
+    if settings.api_key is not None:
+        app.add_middleware(LoginBackoffMiddleware, backoff=app.state.auth_backoff)
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health_router)

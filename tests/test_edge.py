@@ -3,12 +3,15 @@ uploads, key guessing, and what the always-open routes give away."""
 
 from __future__ import annotations
 
+import concurrent.futures
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from gradio_client import Client
 from starlette.routing import Mount
 
 from tests.live_server import LiveServer, serve
@@ -233,3 +236,63 @@ def test_gradio_deletes_the_files_it_made_for_the_app_at_shutdown(tiny_llama_dir
         cached.write_text("a file Gradio made for this app, such as an upload or a component's output")
         blocks.upload_file_set.add(str(cached))  # as Gradio records what it wrote
     assert not cached.exists()
+
+
+# ----- key guessing -------------------------------------------------------------------------------------------------
+
+KEY = "s3cret-key-for-tests"
+GUESSES = 30
+
+
+@pytest.fixture
+def keyed(tiny_llama_dir: Path, make_settings: Any) -> Iterator[LiveServer]:
+    with serve(make_settings(tiny_llama_dir, max_new_tokens=16, api_key=KEY)) as live:
+        # the real schedule (waits up to a minute) made quick, so the test's guesses are settled in seconds
+        backoff = live.app.state.auth_backoff
+        backoff.first_delay_s, backoff.max_wait_s = 0.2, 1.0
+        yield live
+
+
+def from_address(url: str, address: str, **options: Any) -> httpx.Client:
+    """A client on another loopback address: to the server, another client machine."""
+    return httpx.Client(base_url=url, transport=httpx.HTTPTransport(local_address=address), timeout=60, **options)
+
+
+def guess_in_parallel(send: Any) -> Counter[int]:
+    with concurrent.futures.ThreadPoolExecutor(GUESSES) as pool:
+        responses = list(pool.map(send, range(GUESSES)))
+    for response in responses:
+        if response.status_code == 429:
+            assert int(response.headers["retry-after"]) >= 1
+            assert "retry in" in assert_error(response, 429)["message"]
+    return Counter(response.status_code for response in responses)
+
+
+def test_wrong_bearer_keys_are_checked_one_at_a_time_after_a_growing_delay(keyed: LiveServer) -> None:
+    with from_address(keyed.url, "127.0.0.1") as guesser:
+        statuses = guess_in_parallel(
+            lambda i: guesser.get("/v1/models", headers={"Authorization": f"Bearer guess-{i}"})
+        )
+    print(f"\nkey guessing, Bearer: {GUESSES} parallel guesses answered {dict(statuses)}")
+    assert set(statuses) == {401, 429}
+    assert statuses[401] <= 8  # of 30 guesses, only those whose turn came within the wait limit were checked
+    assert statuses[429] >= GUESSES - 8
+    with from_address(keyed.url, "127.0.0.2") as caller:  # another client with the right key is not held up
+        assert caller.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert_error(caller.get("/v1/models"), 401)  # a missing key is no guess: plain 401
+
+
+def test_wrong_playground_passwords_are_slowed_the_same_way(keyed: LiveServer) -> None:
+    def login_form(password: str) -> dict[str, Any]:
+        return {"username": (None, "me"), "password": (None, password)}  # multipart, as the login page sends it
+
+    with from_address(keyed.url, "127.0.0.1") as guesser:
+        statuses = guess_in_parallel(lambda i: guesser.post("/login", files=login_form(f"guess-{i}")))
+    print(f"\nkey guessing, login: {GUESSES} parallel guesses answered {dict(statuses)}")
+    assert set(statuses) == {400, 429}
+    assert statuses[400] <= 8
+    with from_address(keyed.url, "127.0.0.2") as user:
+        login = user.post("/login", files=login_form(KEY))
+        assert login.status_code == 200, login.text
+    gradio = Client(keyed.url + "/", auth=("me", KEY), verbose=False)
+    assert gradio.predict("Hello", 4, 0.0, 0.95, 50, api_name="/generate")
