@@ -296,3 +296,17 @@ def test_wrong_playground_passwords_are_slowed_the_same_way(keyed: LiveServer) -
         assert login.status_code == 200, login.text
     gradio = Client(keyed.url + "/", auth=("me", KEY), verbose=False)
     assert gradio.predict("Hello", 4, 0.0, 0.95, 50, api_name="/generate")
+
+
+# ----- the playground's own events ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["generate", "chat"])
+def test_public_events_cannot_skip_the_queue(http: httpx.Client, name: str) -> None:
+    data = ["Hello", 4, 0.0, 0.95, 50] if name == "generate" else ["Hello", [], "", 0.0, 0.95, 50, 4]
+    skipped = http.post(f"/gradio_api/run/{name}", json={"data": data})
+    assert skipped.status_code == 404, skipped.text
+    assert "join the queue" in skipped.text
+    queued = http.post(f"/gradio_api/call/{name}", json={"data": data})
+    assert queued.status_code == 200
+    assert "event_id" in queued.json()

@@ -31,5 +31,7 @@ def build_ui(engine: EngineFrontEnd, settings: Settings, handlers: Handlers | No
             api_visibility="private",
             queue=False,
         )
-    demo.queue(max_size=settings.max_queue_size, default_concurrency_limit=settings.max_batch_size)
+    # api_open=False: `/gradio_api/run/<name>` would run a queued event (/generate, /chat) beside the queue, past its
+    # size and concurrency limits; the playground's quick events (queue=False) still go that way.
+    demo.queue(max_size=settings.max_queue_size, default_concurrency_limit=settings.max_batch_size, api_open=False)
     return demo
