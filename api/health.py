@@ -14,8 +14,6 @@ from inference.settings import Settings
 
 router = APIRouter(tags=["service"])
 NOT_READY = {503: {"model": HealthResponse, "description": "Loading, failed to load, or shutting down."}}
-# Probes answer HEAD too: some load balancers and uptime checkers only send HEAD.
-PROBE_METHODS = ["GET", "HEAD"]
 
 
 def public_model_name(settings: Settings) -> str:
@@ -38,7 +36,7 @@ def health_body(engine: EngineFrontEnd) -> tuple[HealthResponse, int]:
     return body, 200 if ready else 503
 
 
-@router.api_route("/health", methods=PROBE_METHODS, response_model=HealthResponse, responses=NOT_READY)
+@router.get("/health", response_model=HealthResponse, responses=NOT_READY)
 async def health(engine: EngineDep) -> JSONResponse:
     """200 once the model is ready to serve; 503 with the reason while it loads, if loading failed, or while
     shutting down."""
@@ -46,17 +44,23 @@ async def health(engine: EngineDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=status)
 
 
-@router.api_route("/health/ready", methods=PROBE_METHODS, response_model=HealthResponse, responses=NOT_READY)
+@router.get("/health/ready", response_model=HealthResponse, responses=NOT_READY)
 async def ready(engine: EngineDep) -> JSONResponse:
     """Readiness probe: the model is loaded and the server is not draining (same answer as /health)."""
     body, status = health_body(engine)
     return JSONResponse(body.model_dump(), status_code=status)
 
 
-@router.api_route("/health/live", methods=PROBE_METHODS)
+@router.get("/health/live")
 async def live() -> dict[str, str]:
     """Liveness probe: the process is up and its event loop answers, whatever the model is doing."""
     return {"status": "alive"}
+
+
+# Probes answer HEAD too (some load balancers and uptime checkers send only HEAD); kept out of the OpenAPI spec, where
+# it would repeat each GET.
+for path, probe in (("/health", health), ("/health/ready", ready), ("/health/live", live)):
+    router.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
