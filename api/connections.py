@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import http
 import json
+import logging
 import time
 from collections import OrderedDict
 from typing import Any
@@ -29,6 +30,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from inference.settings import Settings
 
+logger = logging.getLogger("api")
 # Generous: browsers send 1-4 KB of headers (cookies included); h11's own default limit is 16 KB.
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -41,13 +43,18 @@ class ConnectionGuard:
         self.header_timeout_s = header_timeout_s
         self.open = 0
         self.idle: OrderedDict[GuardedProtocol, float] = OrderedDict()
-        self.shed = 0  # connections closed to make room, for tests and logs
+        self.shed = 0  # connections closed to make room
 
     def make_room(self) -> None:
         while self.open > self.max_connections and self.idle:
             oldest, _ = self.idle.popitem(last=False)
             oldest.close()
             self.shed += 1
+            if self.shed == 1 or self.shed % 1000 == 0:  # an attack is worth a line in the log, not one per socket
+                logger.warning(
+                    "MAX_CONNECTIONS=%d reached: closed the longest-idle connection to make room (%d so far)",
+                    self.max_connections, self.shed,
+                )  # fmt: skip
 
 
 class GuardedProtocol(HttpToolsProtocol):

@@ -77,7 +77,9 @@ def capped(tiny_llama_dir: Path, make_settings: Any) -> Iterator[LiveServer]:
         yield live
 
 
-def test_idle_connections_past_the_cap_are_shed_while_requests_are_served(capped: LiveServer) -> None:
+def test_idle_connections_past_the_cap_are_shed_while_requests_are_served(
+    capped: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
     cap = capped.app.state.settings.max_connections
     with closing(open_sockets(capped.url, 150)) as silent, closing(open_sockets(capped.url, 150, HALF_A_HEAD)) as slow:
         still_served(capped.url)
@@ -86,6 +88,7 @@ def test_idle_connections_past_the_cap_are_shed_while_requests_are_served(capped
         assert len(shed) >= 300 - cap
         # the oldest idle ones went first: the silent ones, opened before the slow ones
         assert sum(1 for sock in silent if sock in shed) == 150
+    assert f"MAX_CONNECTIONS={cap} reached" in caplog.text  # an operator sees it in the log
 
 
 def test_a_connection_in_the_middle_of_a_request_is_never_shed(capped: LiveServer) -> None:
