@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
+from api.throttle import FailureBackoff, client_of
 from inference.settings import Settings
 
 bearer = HTTPBearer(auto_error=False, description="The server's API_KEY, when it has one.")
@@ -26,11 +27,18 @@ async def require_api_key(
     settings: Settings = request.app.state.settings
     if settings.api_key is None:
         return
-    if credentials is None or not key_matches(settings, credentials.credentials):
-        # the message never echoes what was sent: a wrong key must not end up in anyone's logs
-        raise HTTPException(
-            401, "Missing or invalid API key: send `Authorization: Bearer <API_KEY>`.", {"WWW-Authenticate": "Bearer"}
-        )
+    backoff: FailureBackoff = request.app.state.auth_backoff
+    client = client_of(request.scope)
+    if credentials is not None:
+        await backoff.admit(client)  # a client that sent wrong keys waits its turn; nothing may await after this
+        if key_matches(settings, credentials.credentials):
+            backoff.succeeded(client)
+            return
+        backoff.failed(client)
+    # the message never echoes what was sent: a wrong key must not end up in anyone's logs
+    raise HTTPException(
+        401, "Missing or invalid API key: send `Authorization: Bearer <API_KEY>`.", {"WWW-Authenticate": "Bearer"}
+    )
 
 
 def playground_auth(settings: Settings) -> Callable[[str, str], bool] | None:

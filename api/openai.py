@@ -13,8 +13,8 @@ from fastapi.sse import EventSourceResponse
 from api.errors import ERROR_RESPONSES
 from api.routes import EngineDep, SettingsDep, request_id, timing_headers
 from api.sse import sse_response
-from inference.engine import EngineFrontEnd, GenerationResult, RequestHandleBase, TextChunk
-from inference.errors import EngineError, UnknownModelError
+from inference.engine import EngineFrontEnd, EngineState, GenerationResult, RequestHandleBase, TextChunk
+from inference.errors import EngineError, NotReadyError, UnknownModelError
 from inference.openai_schemas import (
     OPENAI_FINISH_REASONS,
     AssistantMessage,
@@ -120,10 +120,28 @@ async def results_of(handles: list[RequestHandleBase]) -> list[GenerationResult]
     return [result for result in results if result is not None]
 
 
+def model_card(settings: Settings) -> ModelCard:
+    return ModelCard(id=settings.model_id, created=STARTED, owned_by="llm-serving")
+
+
+def serving(engine: EngineFrontEnd) -> bool:
+    return engine.state in (EngineState.READY, EngineState.DRAINING)
+
+
 @router.get("/models", response_model=ModelList)
-async def list_models(settings: SettingsDep) -> ModelList:
-    """The one model this server serves."""
-    return ModelList(data=[ModelCard(id=settings.model_id, created=STARTED, owned_by="llm-serving")])
+async def list_models(engine: EngineDep, settings: SettingsDep) -> ModelList:
+    """The one model this server serves, once it is loaded (an empty list while it loads or if it failed)."""
+    return ModelList(data=[model_card(settings)] if serving(engine) else [])
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard, responses={s: ERROR_RESPONSES[s] for s in (404, 503)})
+async def retrieve_model(model_id: str, engine: EngineDep, settings: SettingsDep) -> ModelCard:
+    """The served model's card (its id, or the id's last part, as `model` accepts); 404 for any other id."""
+    if model_id not in served_names(settings):
+        raise UnknownModelError(model_id, settings.model_id)
+    if not serving(engine):
+        raise NotReadyError(f"The model is {engine.state.value}, not serving yet.")
+    return model_card(settings)
 
 
 @router.post("/completions", response_model=Completion, responses=RESPONSES)

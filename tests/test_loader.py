@@ -93,12 +93,26 @@ def test_unknown_model_id_names_the_id_what_was_tried_and_the_fix(make_settings:
     assert caught.value.type == "model_not_found"
 
 
+@pytest.mark.parametrize("model_id", ["../../etc", "/models/missing", "./no-such-folder", "a/b/c"])
+def test_an_id_that_is_neither_a_folder_nor_a_hub_id_is_invalid(
+    model_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_settings: SettingsFactory
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFoundError) as caught:
+        load_model(make_settings(model_id))
+    assert "invalid model id" in caught.value.message
+    assert repr(model_id) in caught.value.message
+    assert "none exists" not in caught.value.message
+
+
 def test_a_folder_without_a_model_is_not_found(tmp_path: Path, make_settings: SettingsFactory) -> None:
     empty = tmp_path / "empty-model"
     empty.mkdir()
     assert resolve_location(make_settings(empty)) == ("folder", str(empty))
-    with pytest.raises(ModelNotFoundError, match="empty-model"):
+    with pytest.raises(ModelNotFoundError, match="empty-model") as caught:
         load_model(make_settings(empty))
+    assert "holds no loadable model" in caught.value.message
+    assert "none exists" not in caught.value.message
 
 
 def test_not_found_message_for_the_default_id_reports_the_package(make_settings: SettingsFactory) -> None:

@@ -214,8 +214,9 @@ def test_failed_load_keeps_serving_health_with_the_reason(make_settings: Any, tm
         assert response.status_code == 503
         body = response.json()
         assert body["status"] == "failed"
-        assert "no-such-org/no-such-model" in body["reason"]
-        assert_error(client.get("/model-info"), 503)
+        assert body["model_id"] == "no-such-org/no-such-model"
+        assert "failed to load" in body["reason"]
+        assert "no-such-org/no-such-model" in assert_error(client.get("/model-info"), 503)["message"]
 
 
 def test_loader_error_type_is_model_not_found(make_settings: Any) -> None:
