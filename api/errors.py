@@ -21,6 +21,7 @@ from inference.errors import (
     UnknownModelError,
 )
 from inference.schemas import ErrorResponse
+from inference.text import printable, text_problem
 
 logger = logging.getLogger("api")
 
@@ -58,6 +59,9 @@ def status_for(error: EngineError) -> int:
 def error_response(
     status: int, message: str, error_type: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
+    # a message may quote what the client sent (an unknown parameter's name), lone surrogates included, which
+    # UTF-8 can't encode: escaped, the answer is still the 4xx it should be instead of a 500
+    message, param = printable(message), None if param is None else printable(param)
     body = {"error": {"message": message, "type": error_type, "param": param, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -68,15 +72,40 @@ def engine_error_response(error: EngineError) -> JSONResponse:
     return error_response(status, error.message, error.type, error.param, headers)
 
 
+# How pydantic names the member of a union it tried ("str", "function-after[_text(), str]", "list[TextPart]"): part of
+# an error's location, yet no place in the request.
+_UNION_MEMBERS = {"str", "int", "float", "bool", "dict", "list", "none"}
+_TEXT_ERRORS = ("string_unicode", "invalid_text")
+
+
+def _is_a_place(part: object) -> bool:
+    return isinstance(part, int) or (isinstance(part, str) and "[" not in part and part not in _UNION_MEMBERS)
+
+
+def most_telling(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The error to report: a union's members each add one, and text that is not text says the most."""
+    return next((error for error in errors if error.get("type") in _TEXT_ERRORS), errors[0] if errors else {})
+
+
 def _describe_validation_error(error: dict[str, Any]) -> tuple[str, str | None]:
-    location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")]
+    location = [
+        str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path") and _is_a_place(part)
+    ]
     param = location[0] if location else None
     if error.get("type") == "json_invalid":
         return "The request body is not valid JSON.", None
     if error.get("type") == "missing":
+        if not location:  # no body at all, not a field missing from one
+            return "The request body is empty: send a JSON object with the parameters.", None
         return f"`{param}` is required", param
     if error.get("type") == "extra_forbidden":
         return f"`{param}` is not a known parameter", param
+    if error.get("type") in _TEXT_ERRORS:
+        # strict models refuse a lone surrogate before inference.schemas.Text sees it ("string_unicode")
+        if not location:
+            return "A parameter's name is not valid Unicode text: it holds a lone surrogate.", None
+        problem = text_problem(error.get("input")) or str(error.get("msg"))
+        return f"`{'.'.join(location)}` {problem}", param
     if error.get("type") == "model_attributes_type" or not location:
         return "The request body must be a JSON object.", param
     message = str(error.get("msg", "Invalid value"))
@@ -99,7 +128,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        message, param = _describe_validation_error(error.errors()[0] if error.errors() else {})
+        message, param = _describe_validation_error(most_telling(list(error.errors())))
         log_refusal(request, 422, message)
         return error_response(422, message, "invalid_request_error", param)
 
