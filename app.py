@@ -79,7 +79,9 @@ def create_app(settings: Settings | None = None, engine: EngineFrontEnd | None =
         app,
         build_ui(engine, settings, app.state.ui_handlers),
         path="/",
-        show_error=True,
+        # Only gr.Error messages (written for people) reach clients; any other exception shows as a plain "Error"
+        # rather than Python's words for it.
+        show_error=False,
         theme=THEME,
         css=CSS,
         auth=playground_auth(settings),
