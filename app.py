@@ -20,7 +20,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from api.auth import playground_auth, require_api_key
-from api.errors import install_error_handlers
+from api.errors import gradio_error_handlers, install_error_handlers
 from api.health import router as health_router
 from api.metrics import HttpMetricsMiddleware, Metrics
 from api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
@@ -86,6 +86,7 @@ def create_app(settings: Settings | None = None, engine: EngineFrontEnd | None =
         css=CSS,
         auth=playground_auth(settings),
         auth_message="This server needs its API key: any user name, the key as password.",
+        app_kwargs={"exception_handlers": gradio_error_handlers()},
     )
 
 

@@ -59,11 +59,14 @@ def status_for(error: EngineError) -> int:
 def error_response(
     status: int, message: str, error_type: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
+    return JSONResponse(error_body(status, message, error_type, param), status_code=status, headers=headers)
+
+
+def error_body(status: int, message: str, error_type: str, param: str | None = None) -> dict[str, Any]:
     # a message may quote what the client sent (an unknown parameter's name), lone surrogates included, which
     # UTF-8 can't encode: escaped, the answer is still the 4xx it should be instead of a 500
     message, param = printable(message), None if param is None else printable(param)
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
 
 
 def engine_error_response(error: EngineError) -> JSONResponse:
@@ -141,3 +144,44 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_bug(request: Request, error: Exception) -> JSONResponse:
         logger.exception("Unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "Internal server error.", "server_error")
+
+
+def _printable_json(value: Any) -> Any:
+    """`value` with every string printable (lone surrogates escaped), so that it can be sent back as JSON."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, list | tuple):
+        return [_printable_json(item) for item in value]
+    if isinstance(value, dict):
+        return {printable(str(key)): _printable_json(item) for key, item in value.items()}
+    return value if value is None or isinstance(value, bool | int | float) else printable(str(value))
+
+
+def gradio_error_handlers() -> dict[Any, Any]:
+    """Exception handlers for Gradio's own app (`mount_gradio_app(app_kwargs=...)`): its HTTP errors keep the
+    `detail` gradio_client reads (validation verdicts on a 422, a message otherwise) and gain the one error shape
+    beside it, and never echo what was sent (a lone surrogate in it made the answer itself fail: a 500)."""
+
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        detail = error.detail
+        verdicts = detail if isinstance(detail, list) else []
+        failed = [verdict for verdict in verdicts if isinstance(verdict, dict) and verdict.get("is_valid") is False]
+        if failed:  # /generate's validator: one verdict per parameter
+            message = "; ".join(f"`{verdict.get('parameter_name')}`: {verdict.get('message')}" for verdict in failed)
+            param = str(failed[0].get("parameter_name"))
+        else:
+            message, param = str(detail), None
+        log_refusal(request, error.status_code, message)
+        body = error_body(error.status_code, message, "invalid_request_error", param)
+        body["detail"] = _printable_json(detail)
+        return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+
+    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        errors = list(error.errors())
+        message, param = _describe_validation_error(most_telling(errors))
+        log_refusal(request, 422, message)
+        body = error_body(422, message, "invalid_request_error", param)
+        body["detail"] = _printable_json([{key: e.get(key) for key in ("type", "loc", "msg")} for e in errors])
+        return JSONResponse(body, status_code=422)
+
+    return {StarletteHTTPException: on_http_error, RequestValidationError: on_validation_error}

@@ -32,13 +32,21 @@ def unbatch_validators() -> None:
     gradio.queueing.create_validator_fn = _unbatched_validator
 
 
+class MissingValuesError(gr.Error):
+    """A gr.Error whose str() is its message (gr.Error quotes it), as it travels in Gradio's HTTP 400 for a call
+    refused when it joins the queue."""
+
+    def __str__(self) -> str:
+        return str(self.message)
+
+
 class Blocks(gr.Blocks):
     """`gr.Blocks` whose refusal of a call with too few values names the parameters it needs."""
 
     def validate_inputs(self, block_fn: BlockFunction, inputs: list[Any]) -> None:
         if len(inputs) < len(block_fn.inputs):
             names = block_fn.input_parameter_names or [f"parameter_{i}" for i in range(len(block_fn.inputs))]
-            raise gr.Error(
+            raise MissingValuesError(
                 f"This endpoint takes {len(block_fn.inputs)} values in `data` ({', '.join(map(str, names))}), "
                 f"got {len(inputs)}.",
                 print_exception=False,
