@@ -156,7 +156,7 @@ def test_bad_calls_in_a_gradio_batch_fail_alone_and_valid_ones_get_their_text(se
 
 
 def test_gradio_client_gets_a_validation_error_naming_the_parameter(gradio: Client) -> None:
-    with pytest.raises(ValidationError, match=r"max_length: `max_new_tokens` must be between 1 and 64"):
+    with pytest.raises(ValidationError, match=r"max_length: `max_length` must be between 1 and 64"):
         gradio.predict("Hello", 10**6, 0.5, 0.9, 10, api_name="/generate")
     with pytest.raises(
         ValidationError, match=r"prompt: The prompt has (at least )?\d+ tokens.*more than the limit of 64"

@@ -199,9 +199,11 @@ class Handlers:
             params = self.sampling_params(max_length, temperature, top_p, top_k)
             check_lengths(self.settings, self.engine.context_length, len(prepared.token_ids), params)
         except EngineError as error:
-            named = {"max_new_tokens": "max_length"}.get(error.param or "", error.param)
-            failed = named if named in GENERATE_INPUTS else "prompt"
-            return [gr.validate(name != failed, error.message if name == failed else "") for name in GENERATE_INPUTS]
+            failed = error.param if error.param in GENERATE_INPUTS else "prompt"
+            message = error.message
+            if error.param == "max_new_tokens":  # speak the caller's language: this endpoint calls it max_length
+                failed, message = "max_length", message.replace("`max_new_tokens`", "`max_length`")
+            return [gr.validate(name != failed, message if name == failed else "") for name in GENERATE_INPUTS]
         return [gr.validate(True, "") for _ in GENERATE_INPUTS]
 
     async def _complete_one(
