@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from api.auth import playground_auth, require_api_key
-from api.errors import install_error_handlers
+from api.errors import gradio_error_handlers, install_error_handlers
 from api.fallback import ApiFallback
 from api.health import router as health_router
 from api.metrics import HttpMetricsMiddleware, Metrics
@@ -83,11 +83,14 @@ def create_app(settings: Settings | None = None, engine: EngineFrontEnd | None =
         app,
         build_ui(engine, settings, app.state.ui_handlers),
         path="/",
-        show_error=True,
+        # Only gr.Error messages (written for people) reach clients; any other exception shows as a plain "Error"
+        # rather than Python's words for it.
+        show_error=False,
         theme=THEME,
         css=CSS,
         auth=playground_auth(settings),
         auth_message="This server needs its API key: any user name, the key as password.",
+        app_kwargs={"exception_handlers": gradio_error_handlers()},
     )
 
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request, Response
 from fastapi.sse import EventSourceResponse
 
+from api.auth import AuthFirstRoute
 from api.errors import ERROR_RESPONSES
 from api.routes import EngineDep, SettingsDep, request_id, timing_headers
 from api.sse import sse_response
@@ -35,7 +36,7 @@ from inference.openai_schemas import (
 from inference.prompts import PreparedPrompt
 from inference.settings import Settings
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(route_class=AuthFirstRoute, prefix="/v1", tags=["openai"])
 STARTED = int(time.time())
 RESPONSES = {status: ERROR_RESPONSES[status] for status in (404, 413, 422, 429, 503, 504)}
 DONE = "[DONE]"
@@ -151,7 +152,8 @@ async def completions(
     """OpenAI text completion: plain prompts, no chat template."""
     check_model(body, settings)
     texts = body.prompts
-    prompts = [await asyncio.to_thread(engine.prepare_completion, text) for text in texts]
+    body.check_size(settings, len(texts))
+    prompts = [await engine.tokenize_completion(text) for text in texts]
     handles = submit_all(engine, settings, body, prompts, body.max_tokens, request, "/v1/completions")
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -197,7 +199,8 @@ async def chat_completions(
 ) -> ChatCompletion | EventSourceResponse:
     """OpenAI chat completion, with the model's chat template (or a plain transcript for base models)."""
     check_model(body, settings)
-    prompt = await asyncio.to_thread(engine.prepare_chat, body.chat_messages)
+    body.check_size(settings, 1)
+    prompt = await engine.tokenize_chat(body.chat_messages)
     handles = submit_all(engine, settings, body, [prompt], body.max_new_tokens, request, "/v1/chat/completions")
     prompt_tokens = len(prompt.token_ids)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -449,9 +449,10 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         lines += ["", "This CPU has no bfloat16 matrix units (AMX): the `DTYPE=bfloat16` opt-in was not measured.", ""]
     else:
         lines += _bfloat16_note()
-    extra = path.parent / "benchmarks-threads.md"
-    if extra.exists():
-        lines += [extra.read_text().strip(), ""]
+    for name in ("benchmarks-threads.md", "benchmarks-attack.md"):  # written by bench_threads.py, bench_attack.py
+        extra = path.parent / name
+        if extra.exists():
+            lines += [extra.read_text().strip(), ""]
     path.write_text("\n".join(lines))
 
 
