@@ -8,24 +8,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from types import FrameType
 
 import gradio as gr
-import uvicorn
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from api.auth import playground_auth, require_api_key
-from api.errors import install_error_handlers
+from api.errors import gradio_error_handlers, install_error_handlers
+from api.fallback import ApiFallback
 from api.health import router as health_router
 from api.metrics import HttpMetricsMiddleware, Metrics
 from api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from api.openai import router as openai_router
 from api.routes import router
+from api.server import DrainingServer, server_config
+from api.throttle import FailureBackoff, LoginBackoffMiddleware
+from api.uploads import NoUploads
 from inference import __version__
 from inference.engine import Engine, EngineFrontEnd, EngineState
 from inference.settings import Settings, get_settings
@@ -61,29 +62,35 @@ def create_app(settings: Settings | None = None, engine: EngineFrontEnd | None =
     app.state.settings = settings
     app.state.metrics = Metrics(engine)
     app.state.ui_handlers = Handlers(engine, settings)
+    app.state.auth_backoff = FailureBackoff()
     install_error_handlers(app)
     # Added innermost first: request ids and metrics see every request, even one refused for its size.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
-        )
+    # Always present, even with no origin listed: Gradio then leaves CORS to it (mount_gradio_app's documented
+    # switch) instead of adding its own layer, which grants any Origin, with credentials, when Host isn't localhost.
+    app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
+    if settings.api_key is not None:
+        app.add_middleware(LoginBackoffMiddleware, backoff=app.state.auth_backoff)
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health_router)
     protected = [Depends(require_api_key)]
     app.include_router(router, dependencies=protected)
     app.include_router(openai_router, dependencies=protected)
+    app.router.routes.extend([ApiFallback(), NoUploads()])
     # Mounted last: routes added after a mount at "/" would be shadowed by it.
     return gr.mount_gradio_app(
         app,
         build_ui(engine, settings, app.state.ui_handlers),
         path="/",
-        show_error=True,
+        # Only gr.Error messages (written for people) reach clients; any other exception shows as a plain "Error"
+        # rather than Python's words for it.
+        show_error=False,
         theme=THEME,
         css=CSS,
         auth=playground_auth(settings),
         auth_message="This server needs its API key: any user name, the key as password.",
+        app_kwargs={"exception_handlers": gradio_error_handlers()},
     )
 
 
@@ -91,23 +98,6 @@ def _start_engine(engine: EngineFrontEnd) -> None:
     # A failure is already logged and kept by the engine; /health reports it.
     with contextlib.suppress(Exception):
         engine.start()
-
-
-class DrainingServer(uvicorn.Server):
-    """On SIGTERM or Ctrl-C: refuse new requests first (503), then let uvicorn finish the running ones within
-    SHUTDOWN_GRACE_S; the lifespan's shutdown cancels whatever is left."""
-
-    def __init__(self, config: uvicorn.Config, engine: EngineFrontEnd) -> None:
-        super().__init__(config)
-        self.engine = engine
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig in (signal.SIGTERM, signal.SIGINT):
-            self.engine.drain()
-        super().handle_exit(sig, frame)
-        # uvicorn re-raises the signal after its graceful shutdown, so the process would die "by SIGTERM" (exit
-        # -15); a drained shutdown is a clean one, and orchestrators expect exit code 0 for it.
-        self._captured_signals.clear()
 
 
 def main() -> None:
@@ -123,14 +113,7 @@ def main() -> None:
     logger.info(
         "Serving on http://%s:%d (playground at /, API docs at /docs)", settings.server_name, settings.server_port
     )
-    config = uvicorn.Config(
-        app,
-        host=settings.server_name,
-        port=settings.server_port,
-        log_level="warning",
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
-    )
-    DrainingServer(config, engine).run()
+    DrainingServer(server_config(app, settings), engine, settings.shutdown_grace_s).run()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from inference.errors import (
     UnknownModelError,
 )
 from inference.schemas import ErrorResponse
+from inference.text import printable, text_problem
 
 logger = logging.getLogger("api")
 
@@ -58,8 +59,14 @@ def status_for(error: EngineError) -> int:
 def error_response(
     status: int, message: str, error_type: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, error_type, param), status_code=status, headers=headers)
+
+
+def error_body(status: int, message: str, error_type: str, param: str | None = None) -> dict[str, Any]:
+    # a message may quote what the client sent (an unknown parameter's name), lone surrogates included, which
+    # UTF-8 can't encode: escaped, the answer is still the 4xx it should be instead of a 500
+    message, param = printable(message), None if param is None else printable(param)
+    return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
 
 
 def engine_error_response(error: EngineError) -> JSONResponse:
@@ -68,15 +75,40 @@ def engine_error_response(error: EngineError) -> JSONResponse:
     return error_response(status, error.message, error.type, error.param, headers)
 
 
+# How pydantic names the member of a union it tried ("str", "function-after[_text(), str]", "list[TextPart]"): part of
+# an error's location, yet no place in the request.
+_UNION_MEMBERS = {"str", "int", "float", "bool", "dict", "list", "none"}
+_TEXT_ERRORS = ("string_unicode", "invalid_text")
+
+
+def _is_a_place(part: object) -> bool:
+    return isinstance(part, int) or (isinstance(part, str) and "[" not in part and part not in _UNION_MEMBERS)
+
+
+def most_telling(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The error to report: a union's members each add one, and text that is not text says the most."""
+    return next((error for error in errors if error.get("type") in _TEXT_ERRORS), errors[0] if errors else {})
+
+
 def _describe_validation_error(error: dict[str, Any]) -> tuple[str, str | None]:
-    location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")]
+    location = [
+        str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path") and _is_a_place(part)
+    ]
     param = location[0] if location else None
     if error.get("type") == "json_invalid":
         return "The request body is not valid JSON.", None
     if error.get("type") == "missing":
+        if not location:  # no body at all, not a field missing from one
+            return "The request body is empty: send a JSON object with the parameters.", None
         return f"`{param}` is required", param
     if error.get("type") == "extra_forbidden":
         return f"`{param}` is not a known parameter", param
+    if error.get("type") in _TEXT_ERRORS:
+        # strict models refuse a lone surrogate before inference.schemas.Text sees it ("string_unicode")
+        if not location:
+            return "A parameter's name is not valid Unicode text: it holds a lone surrogate.", None
+        problem = text_problem(error.get("input")) or str(error.get("msg"))
+        return f"`{'.'.join(location)}` {problem}", param
     if error.get("type") == "model_attributes_type" or not location:
         return "The request body must be a JSON object.", param
     message = str(error.get("msg", "Invalid value"))
@@ -99,7 +131,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        message, param = _describe_validation_error(error.errors()[0] if error.errors() else {})
+        message, param = _describe_validation_error(most_telling(list(error.errors())))
         log_refusal(request, 422, message)
         return error_response(422, message, "invalid_request_error", param)
 
@@ -112,3 +144,44 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_bug(request: Request, error: Exception) -> JSONResponse:
         logger.exception("Unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "Internal server error.", "server_error")
+
+
+def _printable_json(value: Any) -> Any:
+    """`value` with every string printable (lone surrogates escaped), so that it can be sent back as JSON."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, list | tuple):
+        return [_printable_json(item) for item in value]
+    if isinstance(value, dict):
+        return {printable(str(key)): _printable_json(item) for key, item in value.items()}
+    return value if value is None or isinstance(value, bool | int | float) else printable(str(value))
+
+
+def gradio_error_handlers() -> dict[Any, Any]:
+    """Exception handlers for Gradio's own app (`mount_gradio_app(app_kwargs=...)`): its HTTP errors keep the
+    `detail` gradio_client reads (validation verdicts on a 422, a message otherwise) and gain the one error shape
+    beside it, and never echo what was sent (a lone surrogate in it made the answer itself fail: a 500)."""
+
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        detail = error.detail
+        verdicts = detail if isinstance(detail, list) else []
+        failed = [verdict for verdict in verdicts if isinstance(verdict, dict) and verdict.get("is_valid") is False]
+        if failed:  # /generate's validator: one verdict per parameter
+            message = "; ".join(f"`{verdict.get('parameter_name')}`: {verdict.get('message')}" for verdict in failed)
+            param = str(failed[0].get("parameter_name"))
+        else:
+            message, param = str(detail), None
+        log_refusal(request, error.status_code, message)
+        body = error_body(error.status_code, message, "invalid_request_error", param)
+        body["detail"] = _printable_json(detail)
+        return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+
+    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        errors = list(error.errors())
+        message, param = _describe_validation_error(most_telling(errors))
+        log_refusal(request, 422, message)
+        body = error_body(422, message, "invalid_request_error", param)
+        body["detail"] = _printable_json([{key: e.get(key) for key in ("type", "loc", "msg")} for e in errors])
+        return JSONResponse(body, status_code=422)
+
+    return {StarletteHTTPException: on_http_error, RequestValidationError: on_validation_error}

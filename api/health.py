@@ -2,27 +2,38 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from api.routes import EngineDep
 from inference.engine import EngineFrontEnd, EngineState
 from inference.schemas import HealthResponse
+from inference.settings import Settings
 
 router = APIRouter(tags=["service"])
 NOT_READY = {503: {"model": HealthResponse, "description": "Loading, failed to load, or shutting down."}}
 
 
+def public_model_name(settings: Settings) -> str:
+    """The model's name without the server's file paths: a folder's own name, or the hub id."""
+    folder = Path(settings.model_id).expanduser()
+    return folder.name if folder.is_dir() else settings.model_id
+
+
 def health_body(engine: EngineFrontEnd) -> tuple[HealthResponse, int]:
+    """Open to anyone, even with API_KEY set: no file paths here (the log has the whole failure)."""
     ready = engine.state is EngineState.READY
     if engine.state is EngineState.FAILED:
-        reason = engine.failure
+        reason = "The model failed to load; the server log says why."
     elif engine.state is EngineState.DRAINING:
         reason = "The server is shutting down."
     else:
         reason = None if ready else f"The model is {engine.state.value}."
     status = "ok" if ready else engine.state.value
-    return HealthResponse(status=status, model_id=engine.settings.model_id, reason=reason), 200 if ready else 503
+    body = HealthResponse(status=status, model_id=public_model_name(engine.settings), reason=reason)
+    return body, 200 if ready else 503
 
 
 @router.get("/health", response_model=HealthResponse, responses=NOT_READY)
@@ -44,6 +55,12 @@ async def ready(engine: EngineDep) -> JSONResponse:
 async def live() -> dict[str, str]:
     """Liveness probe: the process is up and its event loop answers, whatever the model is doing."""
     return {"status": "alive"}
+
+
+# Probes answer HEAD too (some load balancers and uptime checkers send only HEAD); kept out of the OpenAPI spec, where
+# it would repeat each GET.
+for path, probe in (("/health", health), ("/health/ready", ready), ("/health/live", live)):
+    router.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

@@ -43,7 +43,8 @@ class RequestIdMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """Refuse bodies over `max_bytes` with 413, whether they announce their length or stream it."""
+    """Refuse bodies over `max_bytes` with 413 in the error shape, whether they announce their length or stream it,
+    and whichever app reads them: Gradio's routes would otherwise answer a streamed one with their own shape."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -53,20 +54,38 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        error = BodyTooLargeError(self.max_bytes)
+        refusal = error_response(413, str(error.detail), "invalid_request_error")
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            error = BodyTooLargeError(self.max_bytes)
-            await error_response(413, str(error.detail), "invalid_request_error")(scope, receive, send)
+            await refusal(scope, receive, send)
             return
         received = 0
+        too_large = False
+        response_started = False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise BodyTooLargeError(self.max_bytes)
+                    too_large = True
+                    raise error
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def refusing_send(message: Message) -> None:
+            nonlocal response_started
+            if too_large:  # whatever the app answers to the refused body, the client gets the one 413
+                if not response_started:
+                    response_started = True
+                    await refusal(scope, receive, send)
+                return
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, refusing_send)
+        except BodyTooLargeError:
+            if not response_started:
+                await refusal(scope, receive, send)

@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request, Response
 from fastapi.sse import EventSourceResponse
 
+from api.auth import AuthFirstRoute
 from api.errors import ERROR_RESPONSES
 from api.routes import EngineDep, SettingsDep, request_id, timing_headers
 from api.sse import sse_response
-from inference.engine import EngineFrontEnd, GenerationResult, RequestHandleBase, TextChunk
-from inference.errors import EngineError, UnknownModelError
+from inference.engine import EngineFrontEnd, EngineState, GenerationResult, RequestHandleBase, TextChunk
+from inference.errors import EngineError, NotReadyError, UnknownModelError
 from inference.openai_schemas import (
     OPENAI_FINISH_REASONS,
     AssistantMessage,
@@ -35,7 +36,7 @@ from inference.openai_schemas import (
 from inference.prompts import PreparedPrompt
 from inference.settings import Settings
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(route_class=AuthFirstRoute, prefix="/v1", tags=["openai"])
 STARTED = int(time.time())
 RESPONSES = {status: ERROR_RESPONSES[status] for status in (404, 413, 422, 429, 503, 504)}
 DONE = "[DONE]"
@@ -120,10 +121,28 @@ async def results_of(handles: list[RequestHandleBase]) -> list[GenerationResult]
     return [result for result in results if result is not None]
 
 
+def model_card(settings: Settings) -> ModelCard:
+    return ModelCard(id=settings.model_id, created=STARTED, owned_by="llm-serving")
+
+
+def serving(engine: EngineFrontEnd) -> bool:
+    return engine.state in (EngineState.READY, EngineState.DRAINING)
+
+
 @router.get("/models", response_model=ModelList)
-async def list_models(settings: SettingsDep) -> ModelList:
-    """The one model this server serves."""
-    return ModelList(data=[ModelCard(id=settings.model_id, created=STARTED, owned_by="llm-serving")])
+async def list_models(engine: EngineDep, settings: SettingsDep) -> ModelList:
+    """The one model this server serves, once it is loaded (an empty list while it loads or if it failed)."""
+    return ModelList(data=[model_card(settings)] if serving(engine) else [])
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard, responses={s: ERROR_RESPONSES[s] for s in (404, 503)})
+async def retrieve_model(model_id: str, engine: EngineDep, settings: SettingsDep) -> ModelCard:
+    """The served model's card (its id, or the id's last part, as `model` accepts); 404 for any other id."""
+    if model_id not in served_names(settings):
+        raise UnknownModelError(model_id, settings.model_id)
+    if not serving(engine):
+        raise NotReadyError(f"The model is {engine.state.value}, not serving yet.")
+    return model_card(settings)
 
 
 @router.post("/completions", response_model=Completion, responses=RESPONSES)
@@ -133,7 +152,8 @@ async def completions(
     """OpenAI text completion: plain prompts, no chat template."""
     check_model(body, settings)
     texts = body.prompts
-    prompts = [await asyncio.to_thread(engine.prepare_completion, text) for text in texts]
+    body.check_size(settings, len(texts))
+    prompts = [await engine.tokenize_completion(text) for text in texts]
     handles = submit_all(engine, settings, body, prompts, body.max_tokens, request, "/v1/completions")
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -179,7 +199,8 @@ async def chat_completions(
 ) -> ChatCompletion | EventSourceResponse:
     """OpenAI chat completion, with the model's chat template (or a plain transcript for base models)."""
     check_model(body, settings)
-    prompt = await asyncio.to_thread(engine.prepare_chat, body.chat_messages)
+    body.check_size(settings, 1)
+    prompt = await engine.tokenize_chat(body.chat_messages)
     handles = submit_all(engine, settings, body, [prompt], body.max_new_tokens, request, "/v1/chat/completions")
     prompt_tokens = len(prompt.token_ids)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import functools
 import itertools
 import logging
 import os
@@ -28,6 +29,7 @@ import torch
 
 from inference import __version__
 from inference import batch as batching
+from inference.admission import TokenizingGate
 from inference.detokenize import IncrementalDecoder, StopStringFilter
 from inference.errors import (
     EngineError,
@@ -42,10 +44,11 @@ from inference.errors import (
 from inference.loader import LoadedModel, load_model
 from inference.memory import release_free_heap_pages, return_freed_memory_promptly
 from inference.params import SamplingParams
-from inference.prompts import ChatMessage, PreparedPrompt, PromptFormatter
+from inference.prompts import ChatMessage, PreparedPrompt, PromptFormatter, check_messages
 from inference.sampling import RowSampler, sample_next_tokens
 from inference.schemas import ModelInfo, ServerLimits, WeightsInfo
 from inference.settings import Settings
+from inference.text import check_text
 
 logger = logging.getLogger("inference.engine")
 
@@ -194,11 +197,35 @@ class EngineFrontEnd(abc.ABC):
             raise NotReadyError(f"The model is not ready: {reason}.")
         return self.formatter
 
-    def prepare_completion(self, prompt: str) -> PreparedPrompt:
-        return self._serving_formatter().prepare_completion(prompt)
+    @functools.cached_property
+    def tokenizing_gate(self) -> TokenizingGate:
+        """Bounds how many long prompts are tokenized at once (one gate per front end)."""
+        return TokenizingGate(self.settings.max_concurrent_tokenizing)
+
+    def prepare_completion(self, prompt: str, param: str = "prompt") -> PreparedPrompt:
+        """Token ids of a plain prompt; refuses bad text, a prompt surely over MAX_INPUT_TOKENS (from its length,
+        before tokenizing) and, past MAX_CONCURRENT_TOKENIZING long prompts at once, sheds load (429). Blocking."""
+        formatter = self._serving_formatter()
+        return formatter.prepare_completion(prompt, self.settings.max_input_tokens, param, self.tokenizing_gate)
 
     def prepare_chat(self, messages: list[ChatMessage]) -> PreparedPrompt:
-        return self._serving_formatter().prepare_chat(messages)
+        """Token ids of a conversation, with the same refusals as `prepare_completion`. Blocking."""
+        formatter = self._serving_formatter()
+        return formatter.prepare_chat(messages, self.settings.max_input_tokens, self.tokenizing_gate)
+
+    async def tokenize_completion(self, prompt: str, param: str = "prompt") -> PreparedPrompt:
+        """`prepare_completion` for an event loop: what is refused from its length alone is refused right here,
+        the tokenizing itself runs in a worker thread."""
+        formatter = self._serving_formatter()
+        check_text(prompt, param)
+        formatter.refuse_if_surely_too_long(prompt, self.settings.max_input_tokens, param)
+        return await asyncio.to_thread(self.prepare_completion, prompt, param)
+
+    async def tokenize_chat(self, messages: list[ChatMessage]) -> PreparedPrompt:
+        """`prepare_chat` for an event loop (rendering the template and tokenizing run in a worker thread)."""
+        self._serving_formatter()
+        check_messages(messages)
+        return await asyncio.to_thread(self.prepare_chat, messages)
 
     def token_pieces(self, token_ids: list[int]) -> list[str]:
         return self._serving_formatter().token_pieces(token_ids)
@@ -404,6 +431,8 @@ class Engine(EngineFrontEnd):
                 max_batch_size=settings.max_batch_size,
                 max_batch_tokens=settings.max_batch_tokens,
                 max_queue_size=settings.max_queue_size,
+                max_prompts=settings.max_prompts,
+                max_concurrent_tokenizing=settings.max_concurrent_tokenizing,
                 max_stop_sequences=settings.max_stop_sequences,
                 max_stop_length=settings.max_stop_length,
                 max_n=settings.max_n,

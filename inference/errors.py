@@ -25,10 +25,11 @@ class InvalidRequestError(EngineError):
 class PromptTooLongError(InvalidRequestError):
     """The prompt has more tokens than the server accepts; says both numbers, never truncates."""
 
-    def __init__(self, prompt_tokens: int, limit: int, param: str = "prompt") -> None:
+    def __init__(self, prompt_tokens: int, limit: int, param: str = "prompt", *, at_least: bool = False) -> None:
+        # `at_least`: counted from its length in characters, before tokenizing (refused cheaply, as it must be)
+        count = f"at least {prompt_tokens} tokens (from its length alone)" if at_least else f"{prompt_tokens} tokens"
         super().__init__(
-            f"The prompt has {prompt_tokens} tokens, more than the limit of {limit} tokens (MAX_INPUT_TOKENS). "
-            "Shorten the prompt.",
+            f"The prompt has {count}, more than the limit of {limit} tokens (MAX_INPUT_TOKENS). Shorten the prompt.",
             param=param,
         )
         self.prompt_tokens = prompt_tokens
@@ -49,6 +50,16 @@ class QueueFullError(EngineError):
 
     def __init__(self, queue_size: int, retry_after_s: int = 1) -> None:
         super().__init__(f"The server is busy: {queue_size} requests are already waiting. Retry shortly.")
+        self.retry_after_s = retry_after_s
+
+
+class TokenizerBusyError(QueueFullError):
+    """Too many long prompts are being tokenized at once (MAX_CONCURRENT_TOKENIZING); retry after `retry_after_s`."""
+
+    def __init__(self, retry_after_s: int = 1) -> None:
+        EngineError.__init__(
+            self, "The server is busy tokenizing other long prompts (MAX_CONCURRENT_TOKENIZING). Retry shortly."
+        )
         self.retry_after_s = retry_after_s
 
 

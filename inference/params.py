@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from inference.errors import InvalidRequestError
 from inference.settings import Settings
+from inference.text import check_text
 
 # Upper bounds that no sensible request exceeds; they keep huge numbers from reaching torch.
 MAX_TEMPERATURE = 2.0
@@ -111,6 +112,7 @@ def _stop_strings(settings: Settings, stop: str | list[str] | tuple[str, ...] | 
     for item in stops:
         if not isinstance(item, str) or not item:
             raise InvalidRequestError("each `stop` string must be a non-empty string", param="stop")
+        check_text(item, "stop")
         if len(item) > settings.max_stop_length:
             raise InvalidRequestError(
                 f"each `stop` string may be at most {settings.max_stop_length} characters", param="stop"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
+from inference.errors import InvalidRequestError
 from inference.params import (
     MAX_ADDITIVE_PENALTY,
     MAX_REPETITION_PENALTY,
@@ -16,15 +18,27 @@ from inference.params import (
     build_sampling_params,
 )
 from inference.settings import Settings
+from inference.text import text_problem
 
 # The body size cap (MAX_BODY_BYTES) bounds the prompt's length; this bounds a single field in characters.
 MAX_PROMPT_CHARS = 1_000_000
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+def _text(value: str) -> str:
+    problem = text_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("invalid_text", problem)
+    return value
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Text to continue; not empty.")
+
+# A string that can be tokenized and written back as UTF-8 (no lone surrogates): every text field of every request.
+Text = Annotated[str, AfterValidator(_text)]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, allow_inf_nan=False)
+
+    prompt: Text = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Text to continue; not empty.")
     max_new_tokens: int | None = Field(
         default=None,
         ge=1,
@@ -39,8 +53,17 @@ class GenerateRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-MAX_ADDITIVE_PENALTY, le=MAX_ADDITIVE_PENALTY)
     frequency_penalty: float | None = Field(default=None, ge=-MAX_ADDITIVE_PENALTY, le=MAX_ADDITIVE_PENALTY)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Same seed and parameters, same text.")
-    stop: str | list[str] | None = Field(default=None, description="Output ends before the first of these strings.")
+    stop: Text | list[Text] | None = Field(default=None, description="Output ends before the first of these strings.")
     stream: bool = Field(default=False, description="Answer with server-sent events as the text is generated.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_at_a_time(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_new_tokens" in data and "max_length" in data:
+            raise InvalidRequestError(
+                "give `max_new_tokens` or `max_length` (two names for the same parameter), not both", param="max_length"
+            )
+        return data
 
     def sampling_params(self, settings: Settings) -> SamplingParams:
         return build_sampling_params(
@@ -103,6 +126,8 @@ class ServerLimits(BaseModel):
     max_batch_size: int
     max_batch_tokens: int
     max_queue_size: int
+    max_prompts: int
+    max_concurrent_tokenizing: int
     max_stop_sequences: int
     max_stop_length: int
     max_n: int
@@ -158,13 +183,13 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_PROMPT_CHARS)
+    content: Text = Field(max_length=MAX_PROMPT_CHARS)
 
 
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str | None = Field(
+    prompt: Text | None = Field(
         default=None, max_length=MAX_PROMPT_CHARS, description="Plain text, as /generate sees it."
     )
     messages: list[Message] | None = Field(

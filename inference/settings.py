@@ -47,8 +47,15 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(default=10.0, ge=0, le=10_000)
     # Requests waiting for a slot; beyond it new requests are refused at once (429 with Retry-After).
     max_queue_size: int = Field(default=64, ge=1, le=100_000)
-    # Longest prompt accepted, in tokens (longer ones get 422 with both numbers, never silent truncation).
+    # Longest prompt accepted, in tokens (longer ones get 422 with both numbers, never silent truncation). A prompt
+    # whose length in characters alone proves it longer is refused before it is tokenized.
     max_input_tokens: int = Field(default=2048, ge=1)
+    # Prompts one /v1/completions request may hold (a list of prompts); more get 422. With `n` choices each, a request
+    # is n x prompts engine requests, and one that could never be queued (over MAX_QUEUE_SIZE) gets 422 too, not 429.
+    max_prompts: int = Field(default=16, ge=1, le=1024)
+    # Long prompts (16,384 characters and up) tokenized at once; another one meanwhile gets 429 with Retry-After, so
+    # a crowd of long prompts can't take the CPU from the model and from short requests.
+    max_concurrent_tokenizing: int = Field(default=2, ge=1, le=64)
     # Cap on `max_new_tokens` a request may ask for.
     max_new_tokens: int = Field(default=512, ge=1)
     # A request that has not finished after this many seconds (queue wait included) is stopped: 504.
@@ -65,6 +72,13 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     # Origins allowed to call the API from a browser (CORS), comma-separated or a JSON list; none by default.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Open connections held at once. Past it, the connection idle longest (before or between requests) is closed to
+    # make room, so clients that connect and send nothing can't use up the file descriptors; those in the middle of a
+    # request are never closed for it. 512 fits the common 1024 file-descriptor limit with room to spare.
+    max_connections: int = Field(default=512, ge=8, le=1_000_000)
+    # Seconds a client has to send a request's line and headers, after connecting or once it starts a request;
+    # slower ones get 408 and are closed, so half-open connections don't pile up.
+    header_timeout_s: float = Field(default=10.0, gt=0, le=600)
     # On SIGTERM: stop taking requests, give running ones this long to finish, then cancel what is left and exit.
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     # If the model fails to load: exit with the reason (true), or keep serving /health with it as a 503 (false).

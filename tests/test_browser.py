@@ -421,6 +421,22 @@ def test_layout_fits_a_phone_and_dark_mode(browser: Browser, server: LiveServer)
         dark.context.close()
 
 
+def test_the_playground_works_on_its_own_public_origin(browser: Browser, server: LiveServer) -> None:
+    """As on a Space or behind a domain: a Host that is not localhost, where CORS is closed to other origins."""
+    public_host = "llm.example.org"
+    url = server.url.replace("127.0.0.1", public_host)
+    resolve = f"--host-resolver-rules=MAP {public_host} 127.0.0.1"
+    public = browser.browser_type.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, resolve])
+    try:
+        page = open_playground(public, url)
+        assert page.evaluate("location.host").startswith(public_host)
+        send(page, "Hello from a public origin")
+        assert wait_for_stats(page) > 0
+        assert [role for role, _ in conversation(page)] == ["user", "bot"]
+    finally:
+        public.close()
+
+
 def _luminance(css_color: str) -> float:
     red, green, blue = (int(value) for value in re.findall(r"\d+", css_color)[:3])
     return (0.2126 * red + 0.7152 * green + 0.0722 * blue) / 255

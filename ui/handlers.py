@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import gradio as gr
 
-from inference.engine import EngineFrontEnd, GenerationResult, TextChunk
-from inference.errors import EngineError, InvalidRequestError
+from inference.engine import EngineFrontEnd, GenerationResult, TextChunk, check_lengths
+from inference.errors import EngineError, GenerationError, InvalidRequestError
 from inference.params import SamplingParams, build_sampling_params
 from inference.prompts import ChatMessage, PreparedPrompt
 from inference.schemas import ModelInfo
 from inference.settings import Settings
+from inference.text import check_text
 from ui.layout import TOP_K_SLIDER_MAX
+
+logger = logging.getLogger("ui")
 
 History = list[dict[str, Any]]
 
@@ -37,25 +41,43 @@ PRESETS: dict[str, tuple[float, float, int, float]] = {
 }
 
 
+HISTORY_SHAPE = '`history` must be a list of messages like {"role": "user", "content": "Hello"}'
+# The public /generate's inputs, in order: what its validator reports on, one verdict each.
+GENERATE_INPUTS = ("prompt", "max_length", "temperature", "top_p", "top_k")
+
+
 def flatten_content(content: Any) -> str:
-    """Gradio 6 Chatbot messages carry a list of typed parts; chat templates want a plain string."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return str(content.get("text", ""))
-    if isinstance(content, list):
-        return "".join(flatten_content(part) for part in content)
-    return ""
+    """Gradio 6 Chatbot messages carry a list of typed parts (`{"type": "text", "text": ...}`); chat templates want a
+    plain string. Anything else is refused (a text model has no use for files), never turned into its repr."""
+    parts = content if isinstance(content, list) else [content]
+    texts = []
+    for part in parts:
+        text = part.get("text") if isinstance(part, dict) and part.get("type", "text") == "text" else part
+        if not isinstance(text, str):
+            raise InvalidRequestError(
+                f"{HISTORY_SHAPE}; a message's content is text or a list of text parts", param="history"
+            )
+        texts.append(check_text(text, "history"))
+    return "".join(texts)
 
 
-def to_messages(system_prompt: str, history: History | None, message: str | None) -> list[ChatMessage]:
+def history_turns(history: Any) -> History:
+    """The conversation so far, checked: a list of {"role": "user" | "assistant", "content": ...} messages."""
+    if history is None:
+        return []
+    if not isinstance(history, list) or not all(
+        isinstance(turn, dict) and turn.get("role") in ("user", "assistant") for turn in history
+    ):
+        raise InvalidRequestError(f"{HISTORY_SHAPE} (roles `user` and `assistant`)", param="history")
+    return history
+
+
+def to_messages(system_prompt: str | None, history: History | None, message: str | None) -> list[ChatMessage]:
     messages: list[ChatMessage] = []
-    if system_prompt and system_prompt.strip():
+    if system_prompt is not None and check_text(system_prompt, "system_prompt").strip():
         messages.append({"role": "system", "content": system_prompt.strip()})
-    for turn in history or []:
-        role = turn.get("role") if isinstance(turn, dict) else None
-        if role in ("user", "assistant"):
-            messages.append({"role": role, "content": flatten_content(turn.get("content"))})
+    for turn in history_turns(history):
+        messages.append({"role": turn["role"], "content": flatten_content(turn.get("content"))})
     if message:
         messages.append({"role": "user", "content": message})
     return messages
@@ -63,13 +85,15 @@ def to_messages(system_prompt: str, history: History | None, message: str | None
 
 def parse_stop(text: str | None) -> list[str] | None:
     """The "stop strings" box: one per line; `\\n` and `\\t` typed as two characters mean a newline and a tab."""
-    stops = [line.replace("\\n", "\n").replace("\\t", "\t") for line in (text or "").splitlines() if line]
+    if text is None:
+        return None
+    stops = [line.replace("\\n", "\n").replace("\\t", "\t") for line in check_text(text, "stop").splitlines() if line]
     return stops or None
 
 
 def split_last_turn(history: History | None) -> tuple[History, str]:
     """The conversation before the user's last message, and that message's text (empty if there is none)."""
-    turns = list(history or [])
+    turns = list(history_turns(history))
     end = len(turns)
     while end and turns[end - 1].get("role") != "user":
         end -= 1
@@ -143,12 +167,13 @@ class Handlers:
         seed: int | None = None,
         stop: str | list[str] | None = None,
     ) -> SamplingParams:
+        # No int() here: build_sampling_params says "must be an integer" to "12.5", "abc" or NaN, in words.
         params = build_sampling_params(
             self.settings,
-            max_new_tokens=None if max_length is None else int(max_length),
+            max_new_tokens=max_length,  # type: ignore[arg-type]
             temperature=temperature,
             top_p=top_p,
-            top_k=None if top_k is None else int(top_k),
+            top_k=top_k,  # type: ignore[arg-type]
             repetition_penalty=repetition_penalty,
             seed=seed,
             stop=stop,
@@ -157,11 +182,29 @@ class Handlers:
         return params
 
     async def _prepare_completion(self, prompt: str) -> PreparedPrompt:
-        if not prompt:
+        if check_text(prompt, "prompt") == "":
             raise InvalidRequestError("The prompt is empty: type something to continue.", param="prompt")
-        return await asyncio.to_thread(self.engine.prepare_completion, prompt)
+        return await self.engine.tokenize_completion(prompt)
 
     # ----- the named endpoints ------------------------------------------------------------------------------------
+
+    async def validate_generate(
+        self, prompt: str, max_length: int, temperature: float, top_p: float, top_k: int
+    ) -> list[dict[str, Any]]:
+        """/generate's validator: Gradio runs it on each call as it joins the queue, before calls are batched, so a
+        call that can't be served is refused alone (422; gradio_client raises ValidationError with this message)
+        and never reaches, or fails, a batch of others. One verdict per input, in GENERATE_INPUTS order."""
+        try:
+            prepared = await self._prepare_completion(prompt)
+            params = self.sampling_params(max_length, temperature, top_p, top_k)
+            check_lengths(self.settings, self.engine.context_length, len(prepared.token_ids), params)
+        except EngineError as error:
+            failed = error.param if error.param in GENERATE_INPUTS else "prompt"
+            message = error.message
+            if error.param == "max_new_tokens":  # speak the caller's language: this endpoint calls it max_length
+                failed, message = "max_length", message.replace("`max_new_tokens`", "`max_length`")
+            return [gr.validate(name != failed, message if name == failed else "") for name in GENERATE_INPUTS]
+        return [gr.validate(True, "") for _ in GENERATE_INPUTS]
 
     async def _complete_one(
         self, prompt: str, max_length: int, temperature: float, top_p: float, top_k: int
@@ -171,6 +214,9 @@ class Handlers:
             return await self.engine.generate(await self._prepare_completion(prompt), params, route="gradio:/generate")
         except EngineError as error:
             return error
+        except Exception:  # a bug must fail this call alone, not the batch
+            logger.exception("gradio:/generate failed")
+            return GenerationError("Generation failed inside the server.")
 
     async def generate(
         self,
@@ -190,9 +236,10 @@ class Handlers:
         )
         errors = [outcome for outcome in outcomes if isinstance(outcome, EngineError)]
         if len(errors) == len(outcomes):
-            # Alone (or all wrong): fail the call so clients get an exception with the reason.
-            raise gr.Error(errors[0].message)
-        # In a mixed batch, one caller's bad input must not fail the others; it gets its reason as its output.
+            # Alone (or every call failed): fail the call so clients get an exception with the reason.
+            raise gr.Error(errors[0].message, print_exception=False)
+        # Bad input never gets here (the validator refused it), but the server can still fail one call of a batch
+        # (queue full, timeout, a fault): Gradio gives a batch one outcome, so that call's text says why (README).
         return [
             [f"Error: {outcome.message}" if isinstance(outcome, EngineError) else outcome.text for outcome in outcomes]
         ]
@@ -202,9 +249,9 @@ class Handlers:
     ) -> AsyncIterator[TextChunk | GenerationResult]:
         """The one way into the engine for a chat turn. Closing this stream (a cancelled Gradio event, a client that
         left) cancels the request inside the engine."""
-        if not message or not message.strip():
+        if not check_text(message, "message").strip():
             raise InvalidRequestError("The message is empty.", param="message")
-        prepared = await asyncio.to_thread(self.engine.prepare_chat, to_messages(system_prompt, history, message))
+        prepared = await self.engine.tokenize_chat(to_messages(system_prompt, history, message))
         async for event in self.engine.stream(prepared, params, route=route):
             yield event
 
@@ -250,10 +297,12 @@ class Handlers:
     ) -> AsyncIterator[tuple[Any, str, Any]]:
         """Stream the reply to the last user turn into the conversation, with a live token count, then the stats.
         Outputs: the conversation, the stats line, the message box (only touched when the request fails)."""
-        earlier, message = split_last_turn(history)
-        updated = [*history, {"role": "assistant", "content": ""}]
-        reply = ""
+        earlier: History = []
+        updated: History = []
+        message = reply = ""
         try:
+            earlier, message = split_last_turn(history)
+            updated = [*history, {"role": "assistant", "content": ""}]
             params = self.sampling_params(
                 max_length, temperature, top_p, top_k, repetition_penalty, seed, parse_stop(stop)
             )
@@ -275,9 +324,13 @@ class Handlers:
 
     @staticmethod
     def add_user_message(message: str, history: History | None) -> tuple[Any, History, str]:
-        if not message or not message.strip():
-            raise gr.Error("Type a message first.")
-        return gr.update(value="", interactive=False), [*(history or []), {"role": "user", "content": message}], WAITING
+        try:
+            if not check_text(message, "message").strip():
+                raise gr.Error("Type a message first.", print_exception=False)
+            turns = history_turns(history)
+        except EngineError as error:
+            raise gr.Error(error.message, print_exception=False) from error
+        return gr.update(value="", interactive=False), [*turns, {"role": "user", "content": message}], WAITING
 
     @staticmethod
     def use_example(example: gr.SelectData, history: History | None) -> tuple[Any, History, str]:
@@ -287,22 +340,32 @@ class Handlers:
     @staticmethod
     def regenerate(history: History | None) -> tuple[Any, History, str]:
         """Drop the last reply (the user's message stays) so that `respond` writes a new one."""
-        earlier, message = split_last_turn(history)
+        try:
+            earlier, message = split_last_turn(history)
+        except EngineError as error:
+            raise gr.Error(error.message, print_exception=False) from error
         if not message:
-            raise gr.Error("There is no message to answer again yet.")
+            raise gr.Error("There is no message to answer again yet.", print_exception=False)
         return gr.update(interactive=False), [*earlier, {"role": "user", "content": message}], WAITING
 
     @staticmethod
     def edit(edited: gr.EditData, history: History) -> tuple[Any, History, str]:
         """The user changed one of their messages: the conversation restarts from it."""
         index = edited.index[0] if isinstance(edited.index, (list, tuple)) else edited.index
-        text = flatten_content(edited.value)
-        return Handlers.add_user_message(text, history[:index])
+        try:
+            text = flatten_content(edited.value)
+            turns = history_turns(history)
+        except EngineError as error:
+            raise gr.Error(error.message, print_exception=False) from error
+        return Handlers.add_user_message(text, turns[: index if isinstance(index, int) else len(turns)])
 
     @staticmethod
     def undo(history: History | None) -> tuple[History, str, str]:
         """Take back the last message and its reply; the message returns to the box, to edit and send again."""
-        earlier, message = split_last_turn(history)
+        try:
+            earlier, message = split_last_turn(history)
+        except EngineError as error:
+            raise gr.Error(error.message, print_exception=False) from error
         if not message:
             return list(history or []), gr.skip(), ""
         return earlier, message, ""
