@@ -38,6 +38,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import marked_sections  # noqa: E402
+
 WORDS = [
     "the",
     "city",
@@ -289,23 +291,26 @@ async def short_behind_long(server: Server) -> dict[str, float]:
 def bare_generate(jobs: list[Job], threads: int) -> dict[str, float]:
     """The same requests, greedy, through a bare `model.generate` one at a time in this process (the floor)."""
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from inference.loader import load_model
+    from inference.loader import resolve_location
     from inference.settings import Settings
 
     torch.set_num_threads(threads)
-    loaded = load_model(Settings())
+    _, location = resolve_location(Settings())
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(location)
     latencies, tokens = [], 0
     for job in jobs:
-        ids = loaded.tokenizer(job.prompt, return_tensors="pt")
+        ids = tokenizer(job.prompt, return_tensors="pt")
         started = time.perf_counter()
-        output = loaded.model.generate(
-            **ids, max_new_tokens=job.max_new_tokens, do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id
+        output = model.generate(
+            **ids, max_new_tokens=job.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
         latencies.append(time.perf_counter() - started)
         tokens += output.shape[1] - ids["input_ids"].shape[1]
-    weights_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    del loaded
+    weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
     return {
         "tokens": tokens,
         "latency_total_s": round(sum(latencies), 2),
@@ -354,7 +359,7 @@ def alone_versus_batched(dtype: str, threads: int) -> dict[str, Any]:
     from inference.params import SamplingParams
     from inference.settings import Settings
 
-    settings = Settings(dtype=dtype, torch_threads=threads, max_batch_size=len(AGREEMENT_PROMPTS))  # type: ignore[arg-type]
+    settings = Settings(dtype=dtype, quantization="none", torch_threads=threads, max_batch_size=len(AGREEMENT_PROMPTS))  # type: ignore[arg-type]
     engine = Engine(settings)
     engine.start()
     prompts = [engine.prepare_completion(text) for text in AGREEMENT_PROMPTS]
@@ -453,7 +458,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         extra = path.parent / name
         if extra.exists():
             lines += [extra.read_text().strip(), ""]
-    path.write_text("\n".join(lines))
+    kept = marked_sections(path)  # other scripts' sections (bench_speed.py's) stay as they are
+    path.write_text("\n".join([*lines, *kept, ""]))
 
 
 def _bfloat16_note() -> list[str]:
@@ -496,7 +502,7 @@ def main() -> int:
     print("bare generate:", results["bare_generate"], flush=True)
     short: dict[str, Any] = {}
 
-    baseline = Server("baseline", {"MAX_BATCH_SIZE": "1"})
+    baseline = Server("baseline", {"MAX_BATCH_SIZE": "1", "QUANTIZATION": "none"})
     try:
         results["levels"].append(asyncio.run(run_level(baseline, "baseline-1", 1, make_jobs(sizes[1], seed=1))))
         results["levels"].append(asyncio.run(run_level(baseline, "baseline-16", 16, make_jobs(sizes[16], seed=16))))
@@ -504,7 +510,7 @@ def main() -> int:
     finally:
         baseline.stop()
 
-    engine = Server("engine", {"MAX_BATCH_SIZE": "32"})
+    engine = Server("engine", {"MAX_BATCH_SIZE": "32", "QUANTIZATION": "none"})
     try:
         for clients in (1, 4, 16, 32):
             jobs = make_jobs(sizes[clients], seed=clients)

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from inference.decoders import Decoder
 from inference.kv_cache import SlotCache
 
 
@@ -26,8 +27,7 @@ class Prefilled:
     next_positions: torch.Tensor  # [rows, 1]
 
 
-@torch.inference_mode()
-def prefill(model: PreTrainedModel, prompts: list[list[int]]) -> tuple[Prefilled, torch.Tensor]:
+def prefill(decoder: Decoder, prompts: list[list[int]]) -> tuple[Prefilled, torch.Tensor]:
     """Run prompts of one length through the model together; return their cache and each last position's logits.
 
     Same-length prompts need no padding, so each row computes exactly what it would alone (padding shifts the
@@ -36,16 +36,10 @@ def prefill(model: PreTrainedModel, prompts: list[list[int]]) -> tuple[Prefilled
     width = len(prompts[0])
     if any(len(ids) != width for ids in prompts):
         raise ValueError("prefill takes prompts of one length")
-    # 1. the prompts as one matrix, every position real
-    input_ids = torch.tensor(prompts, dtype=torch.long, device=model.device)
-    attention_mask = torch.ones_like(input_ids)
-    # 2. one forward pass fills a fresh cache; only the last position's logits are needed
-    output = model(
-        input_ids=input_ids, attention_mask=attention_mask, cache=DynamicCache(), use_cache=True, logits_to_keep=1
-    )
-    logits: torch.Tensor = output.logits[:, -1, :]
-    next_positions = torch.full((len(prompts), 1), width, dtype=torch.long, device=model.device)
-    return Prefilled(output.cache, attention_mask, next_positions), logits
+    cache, logits = decoder.prefill(prompts)
+    attention_mask = torch.ones((len(prompts), width), dtype=torch.long, device=logits.device)
+    next_positions = torch.full((len(prompts), 1), width, dtype=torch.long, device=logits.device)
+    return Prefilled(cache, attention_mask, next_positions), logits
 
 
 class RunningBatch:
@@ -101,22 +95,15 @@ class RunningBatch:
         return order
 
     @torch.inference_mode()
-    def step(self, model: PreTrainedModel) -> torch.Tensor:
+    def step(self, decoder: Decoder) -> torch.Tensor:
         """Feed every row's newest token; return the logits for the token after it."""
         assert self.cache is not None
         # 1. make room for one more column, which is real for every row
         self.cache.reserve_columns(1)
         self.attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
         # 2. one forward pass over a single new position per row, writing into the cache in place
-        output = model(
-            input_ids=self.next_tokens.to(model.device),
-            attention_mask=self.attention_mask.to(model.device),
-            position_ids=self.next_positions.to(model.device),
-            cache=self.cache,
-            use_cache=True,
-        )
+        logits = decoder.decode(self.cache, self.next_tokens, self.next_positions, self.attention_mask)
         self.next_positions = self.next_positions + 1
-        logits: torch.Tensor = output.logits[:, -1, :]
         return logits
 
 

@@ -11,6 +11,7 @@ import abc
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import enum
 import functools
 import itertools
@@ -45,7 +46,7 @@ from inference.memory import release_free_heap_pages, return_freed_memory_prompt
 from inference.params import SamplingParams
 from inference.prompts import ChatMessage, PreparedPrompt, PromptFormatter, check_messages
 from inference.sampling import RowSampler, sample_next_tokens
-from inference.schemas import ModelInfo, ServerLimits
+from inference.schemas import ModelInfo, ServerLimits, WeightsInfo
 from inference.settings import Settings
 from inference.text import check_text
 
@@ -358,7 +359,7 @@ class Engine(EngineFrontEnd):
 
     def _warm_up(self) -> None:
         assert self.loaded is not None
-        prefilled, _ = batching.prefill(self.loaded.model, [[self._pad_id] * 4])
+        prefilled, _ = batching.prefill(self.loaded.decoder, [[self._pad_id] * 4])
         if not batching.supports_slot_cache(prefilled.cache):
             raise ModelNotFoundError(
                 f"MODEL_ID={self.settings.model_id!r} uses sliding-window or linear-attention layers, which this "
@@ -381,7 +382,7 @@ class Engine(EngineFrontEnd):
     @property
     def context_length(self) -> int:
         loaded, _ = self._require_ready()
-        config = loaded.model.config
+        config = loaded.config
         for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
             value = getattr(config, name, None)
             if isinstance(value, int) and value > 0:
@@ -417,9 +418,10 @@ class Engine(EngineFrontEnd):
             model_id=loaded.model_id,
             source=loaded.source,
             location=loaded.location,
-            architecture=(loaded.model.config.architectures or [type(loaded.model).__name__])[0],
-            parameters=sum(parameter.numel() for parameter in loaded.model.parameters()),
+            architecture=(loaded.config.architectures or [loaded.config.model_type])[0],
+            parameters=loaded.parameters,
             dtype=str(loaded.dtype).removeprefix("torch."),
+            weights=WeightsInfo.model_validate(dataclasses.asdict(loaded.weights)),
             device=str(loaded.device),
             context_length=self.context_length,
             has_chat_template=formatter.has_chat_template,
@@ -562,7 +564,7 @@ class Engine(EngineFrontEnd):
             sequence.decoder = IncrementalDecoder(self.loaded.tokenizer, sequence.prompt_ids)
             sequence.stops = StopStringFilter(sequence.params.stop)
         try:
-            prefilled, logits = batching.prefill(self.loaded.model, [s.prompt_ids for s in newcomers])
+            prefilled, logits = batching.prefill(self.loaded.decoder, [s.prompt_ids for s in newcomers])
             self._batch.add(prefilled, self._sample(newcomers, logits))
         except Exception:
             # newcomers are in neither the queue nor the running batch yet: fail them here, or they wait forever
@@ -579,7 +581,7 @@ class Engine(EngineFrontEnd):
         self.stats.decode_steps += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._running))
         self.stats.batch_sizes_seen[len(self._running)] += 1
-        logits = self._batch.step(self.loaded.model)
+        logits = self._batch.step(self.loaded.decoder)
         self._batch.next_tokens = self._sample(self._running, logits)
         self._retire_finished()
 
@@ -738,7 +740,7 @@ def _with_stops(params: SamplingParams, extra: tuple[str, ...]) -> SamplingParam
 
 def _eos_token_ids(loaded: LoadedModel) -> set[int]:
     ids: set[int] = set()
-    configured: Any = getattr(loaded.model.generation_config, "eos_token_id", None)
+    configured: Any = getattr(loaded.generation_config, "eos_token_id", None)
     for value in configured if isinstance(configured, list) else [configured]:
         if isinstance(value, int):
             ids.add(value)

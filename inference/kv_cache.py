@@ -79,7 +79,7 @@ class SlotCache(Cache):
     @property
     def end(self) -> int:
         """One past the newest column; the layers advance it themselves as the model writes each step."""
-        return self._slot_layers()[0].end
+        return self.slot_layers()[0].end
 
     @property
     def columns(self) -> int:
@@ -92,12 +92,12 @@ class SlotCache(Cache):
             torch.empty(shape, dtype=self.dtype, device=self.device),
         )
 
-    def _slot_layers(self) -> list[SlotLayer]:
+    def slot_layers(self) -> list[SlotLayer]:
         return [layer for layer in self.layers if isinstance(layer, SlotLayer)]
 
     def _apply_window(self, end: int | None = None) -> None:
         end = self.end if end is None else end
-        for layer in self._slot_layers():
+        for layer in self.slot_layers():
             layer.set_window(self.rows, self.start, end)
 
     def _reallocate(self, rows: int, left_room: int, columns_needed: int) -> None:
@@ -107,7 +107,7 @@ class SlotCache(Cache):
         self.start = left_room
         end = left_room + (old_end - old_start)
         self.column_capacity = max(end + SPARE_COLUMNS, left_room + columns_needed + SPARE_COLUMNS)
-        for layer in self._slot_layers():
+        for layer in self.slot_layers():
             keys, values = self._empty_buffers()
             keys[: self.rows, :, self.start : end] = layer.key_buffer[: self.rows, :, old_start:old_end]
             values[: self.rows, :, self.start : end] = layer.value_buffer[: self.rows, :, old_start:old_end]
@@ -134,7 +134,7 @@ class SlotCache(Cache):
             left_room = max(0, width - self.columns)
             self._reallocate(rows, left_room, max(width, self.columns))
             new_start = min(self.start, self.end - width) if self.rows else self.end - width
-        for layer, (keys, values) in zip(self._slot_layers(), tensors, strict=True):
+        for layer, (keys, values) in zip(self.slot_layers(), tensors, strict=True):
             for buffer, new in ((layer.key_buffer, keys), (layer.value_buffer, values)):
                 # running rows gain padding columns on the left when the newcomer is wider than the window
                 buffer[: self.rows, :, new_start : self.start] = 0
@@ -149,7 +149,7 @@ class SlotCache(Cache):
         for index in sorted(leaving, reverse=True):
             last = len(order) - 1
             if index != last:
-                for layer in self._slot_layers():
+                for layer in self.slot_layers():
                     layer.key_buffer[index, :, self.start : self.end] = layer.key_buffer[last, :, self.start : self.end]
                     layer.value_buffer[index, :, self.start : self.end] = layer.value_buffer[
                         last, :, self.start : self.end

@@ -19,8 +19,15 @@ import torch
 from filelock import FileLock, Timeout
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # documented, not in __all__
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
+from inference.decoders import Decoder, WeightChoice, build_decoder
 from inference.errors import ModelNotFoundError
 from inference.settings import DEFAULT_MODEL_ID, Settings
 
@@ -36,8 +43,14 @@ ModelSource = Literal["folder", "package", "hub"]
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: PreTrainedModel
+    """What serving needs of a model: its decoder (the transformers model itself may be gone), tokenizer and facts."""
+
+    decoder: Decoder
     tokenizer: PreTrainedTokenizerBase
+    config: PretrainedConfig
+    generation_config: GenerationConfig
+    parameters: int
+    weights: WeightChoice
     model_id: str
     source: ModelSource
     location: str
@@ -201,6 +214,8 @@ def load_model(settings: Settings) -> LoadedModel:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    loaded_at = time.perf_counter()
+    decoder, weights = build_decoder(model, tokenizer, settings.quantization)
     seconds = time.perf_counter() - started
     if settings.dtype == "auto" and device.type == "cpu" and cpu_has_bf16_matrix_units():
         logger.info(
@@ -208,6 +223,11 @@ def load_model(settings: Settings) -> LoadedModel:
             "memory, but a request's text may then differ between running alone and in a batch."
         )
     logger.info(
-        "Loaded %s from %s (%s) on %s as %s in %.1f s", settings.model_id, source, location, device, dtype, seconds
-    )
-    return LoadedModel(model, tokenizer, settings.model_id, source, location, device, dtype, seconds)
+        "Loaded %s from %s (%s) on %s as %s in %.1f s; weights: %s (%s; %.1f s of it)", settings.model_id, source,
+        location, device, dtype, seconds, weights.format, weights.reason, time.perf_counter() - loaded_at,
+    )  # fmt: skip
+    return LoadedModel(
+        decoder=decoder, tokenizer=tokenizer, config=model.config, generation_config=model.generation_config,
+        parameters=model.num_parameters(), weights=weights, model_id=settings.model_id, source=source,
+        location=location, device=device, dtype=dtype, load_seconds=seconds,
+    )  # fmt: skip

@@ -135,6 +135,21 @@ class ServerLimits(BaseModel):
     request_timeout_s: float
 
 
+class QualityInfo(BaseModel):
+    """The weights measured against float32 on the built-in check text, at start-up."""
+
+    perplexity_float32: float
+    perplexity: float
+    top1_agreement: float = Field(description="Share of positions whose likeliest next token is float32's.")
+
+
+class WeightsInfo(BaseModel):
+    format: Literal["none", "float16", "int8"] = Field(description="QUANTIZATION as served; `none` is plain `dtype`.")
+    reason: str
+    quality: QualityInfo | None = Field(description="How these weights compare with float32 (for int8 and float16).")
+    seconds: float = Field(description="Start-up time spent calibrating, checking and packing them.")
+
+
 class ModelInfo(BaseModel):
     model_id: str
     source: Literal["folder", "package", "hub"]
@@ -142,6 +157,7 @@ class ModelInfo(BaseModel):
     architecture: str
     parameters: int
     dtype: str
+    weights: WeightsInfo
     device: str
     context_length: int
     has_chat_template: bool

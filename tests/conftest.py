@@ -45,8 +45,8 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_settings(model_cache_dir: Path) -> SettingsFactory:
     """`make_settings(folder, **overrides)`: Settings for a tiny model, with one torch thread and a short batch wait.
 
-    Always float32 (whatever DTYPE says): a randomly initialised tiny model has near-tied logits, and the tests
-    compare exact tokens to check the engine's logic, not the precision of a dtype.
+    Always float32 weights (whatever DTYPE and QUANTIZATION say): a randomly initialised tiny model has near-tied
+    logits, and the tests compare exact tokens to check the engine's logic, not the precision of a weight format.
     """
 
     def factory(folder: Path | str, **overrides: Any) -> Settings:
@@ -56,6 +56,7 @@ def make_settings(model_cache_dir: Path) -> SettingsFactory:
             "torch_threads": 1,
             "batch_wait_ms": 5,
             "dtype": "float32",
+            "quantization": "none",
         }
         values.update(overrides)
         return Settings(**values)

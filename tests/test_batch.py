@@ -22,12 +22,12 @@ def loaded(tiny_llama_dir: Path, make_settings: SettingsFactory) -> LoadedModel:
 
 def test_prefill_takes_only_prompts_of_one_length(loaded: LoadedModel) -> None:
     with pytest.raises(ValueError, match="one length"):
-        prefill(loaded.model, [[5, 6, 7], [5, 6]])
+        prefill(loaded.decoder, [[5, 6, 7], [5, 6]])
 
 
 def test_a_row_prefilled_with_others_of_its_length_gets_its_own_logits(loaded: LoadedModel) -> None:
-    _, alone = prefill(loaded.model, [[5, 6, 7, 8]])
-    prefilled, together = prefill(loaded.model, [[9, 10, 11, 12], [5, 6, 7, 8]])
+    _, alone = prefill(loaded.decoder, [[5, 6, 7, 8]])
+    prefilled, together = prefill(loaded.decoder, [[9, 10, 11, 12], [5, 6, 7, 8]])
     torch.testing.assert_close(together[1], alone[0], rtol=1e-4, atol=1e-4)  # another row: off by units
     assert prefilled.next_positions.tolist() == [[4], [4]]
 
@@ -36,7 +36,7 @@ def test_cache_rows_grow_with_the_batch_and_stop_at_its_limit(loaded: LoadedMode
     batch = RunningBatch(max_rows=12)
     capacities = []
     for length in range(1, 13):  # one newcomer at a time, each a different width
-        prefilled, logits = prefill(loaded.model, [list(range(5, 5 + length))])
+        prefilled, logits = prefill(loaded.decoder, [list(range(5, 5 + length))])
         batch.add(prefilled, logits.argmax(-1, keepdim=True))
         assert batch.cache is not None
         capacities.append(batch.cache.row_capacity)
@@ -45,17 +45,17 @@ def test_cache_rows_grow_with_the_batch_and_stop_at_its_limit(loaded: LoadedMode
     assert capacities[:4] == [1, 2, 3, 4]
     assert capacities[-1] == 12
     # every row still decodes: one step gives one row of logits per sequence
-    assert batch.step(loaded.model).shape[0] == 12
+    assert batch.step(loaded.decoder).shape[0] == 12
 
 
 def test_leaving_rows_keep_the_capacity_for_the_next_newcomers(loaded: LoadedModel) -> None:
     batch = RunningBatch(max_rows=8)
-    prefilled, logits = prefill(loaded.model, [[5, 6, 7]] * 6)
+    prefilled, logits = prefill(loaded.decoder, [[5, 6, 7]] * 6)
     batch.add(prefilled, logits.argmax(-1, keepdim=True))
     assert batch.cache is not None
     capacity = batch.cache.row_capacity
     batch.remove([0, 2, 4])
-    prefilled, logits = prefill(loaded.model, [[8, 9]] * 3)
+    prefilled, logits = prefill(loaded.decoder, [[8, 9]] * 3)
     batch.add(prefilled, logits.argmax(-1, keepdim=True))
     assert batch.size == 6
     assert batch.cache.row_capacity == capacity

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from inference.engine import Engine
 from inference.settings import Settings
@@ -112,17 +113,27 @@ def make_endless(engine: Engine, monkeypatch: pytest.MonkeyPatch, delay_s: float
     """The engine's model never ends a reply itself (end-of-sequence never wins) and takes `delay_s` longer per step,
     so a long reply is surely still coming when the test acts on it."""
     assert engine.loaded is not None
-    model, tokenizer = engine.loaded.model, engine.loaded.tokenizer
-    eos = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
-    original = model.forward
+    decoder, tokenizer = engine.loaded.decoder, engine.loaded.tokenizer
+    eos = sorted({tokenizer.eos_token_id, *_as_list(engine.loaded.generation_config.eos_token_id)} - {None})
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
+    def never_eos(logits: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():  # the decoder's logits are inference tensors
+            logits[..., eos] = float("-inf")
+        return logits
+
+    original_prefill, original_decode = decoder.prefill, decoder.decode
+
+    def prefill(*args: Any, **kwargs: Any) -> Any:
         time.sleep(delay_s)
-        output = original(*args, **kwargs)
-        output.logits[..., eos] = float("-inf")
-        return output
+        cache, logits = original_prefill(*args, **kwargs)
+        return cache, never_eos(logits)
 
-    monkeypatch.setattr(model, "forward", forward)
+    def decode(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(delay_s)
+        return never_eos(original_decode(*args, **kwargs))
+
+    monkeypatch.setattr(decoder, "prefill", prefill)
+    monkeypatch.setattr(decoder, "decode", decode)
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import threading
 import time
@@ -12,7 +13,12 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
-from transformers import PreTrainedTokenizerBase, RepetitionPenaltyLogitsProcessor
+from transformers import (
+    AutoModelForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    RepetitionPenaltyLogitsProcessor,
+)
 
 from inference import engine as engine_module
 from inference import prompts
@@ -109,11 +115,15 @@ def settles(engine: Engine, timeout_s: float = 3.0) -> bool:
     return True
 
 
+@functools.cache
+def transformers_model(folder: str) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
 def reference_greedy(engine: Engine, prompt_ids: list[int], steps: int, repetition_penalty: float = 1.0) -> list[int]:
-    """Greedy tokens from plain full forward passes (no cache, no batching) and transformers' own repetition penalty,
-    stopping after an eos like the engine."""
-    assert engine.loaded is not None
-    model = engine.loaded.model
+    """Greedy tokens from transformers' plain full forward passes (no cache, no batching) and its own repetition
+    penalty, stopping after an eos like the engine."""
+    model = transformers_model(engine.settings.model_id)
     penalty = RepetitionPenaltyLogitsProcessor(repetition_penalty)
     tokens = list(prompt_ids)
     produced: list[int] = []
@@ -142,18 +152,20 @@ def assert_text_of(engine: Engine, text: str, tokens: list[int]) -> None:
 
 
 def patch_forward(monkeypatch: pytest.MonkeyPatch, engine: Engine, before_call: Callable[[int], None]) -> None:
-    """Wrap the engine's model: `before_call(n)` runs before its n-th forward pass (1-based), to delay or fail it.
-    Patching the model, not the batching code, keeps these tests independent of how batches are kept."""
+    """Wrap the engine's decoder: `before_call(n)` runs before its n-th forward pass (1-based; prefills and decode
+    steps alike), to delay or fail it. Patching the model, not the batching code, keeps these tests independent of
+    how batches are kept."""
     assert engine.loaded is not None
-    model = engine.loaded.model
-    original = model.forward
+    decoder = engine.loaded.decoder
     calls = itertools.count(1)
+    for name in ("prefill", "decode"):
+        original = getattr(decoder, name)
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        before_call(next(calls))
-        return original(*args, **kwargs)
+        def forward(*args: Any, original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+            before_call(next(calls))
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(model, "forward", forward)
+        monkeypatch.setattr(decoder, name, forward)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from inference import loader
+from inference.decoders import TransformersDecoder
 from inference.errors import ModelNotFoundError
 from inference.loader import (
     BUNDLED_GGUF,
@@ -54,8 +55,9 @@ def test_gpt2_folder_loads_padded_left_with_eos_as_pad(tiny_gpt2_dir: Path, make
     assert loaded.tokenizer.pad_token_id == loaded.tokenizer.eos_token_id
     assert loaded.device == torch.device("cpu")
     assert loaded.dtype == torch.float32
-    assert next(loaded.model.parameters()).dtype == torch.float32
-    assert not loaded.model.training
+    assert isinstance(loaded.decoder, TransformersDecoder)  # GPT-2 keeps transformers' forward
+    assert next(loaded.decoder.model.parameters()).dtype == torch.float32
+    assert not loaded.decoder.model.training
     assert loaded.load_seconds > 0
 
 
@@ -71,7 +73,8 @@ def test_llama_folder_keeps_its_own_pad_token(tiny_llama_dir: Path, make_setting
 def test_dtype_setting_is_applied(tiny_llama_dir: Path, make_settings: SettingsFactory) -> None:
     loaded = load_model(make_settings(tiny_llama_dir, dtype="bfloat16"))
     assert loaded.dtype == torch.bfloat16
-    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    assert isinstance(loaded.decoder, TransformersDecoder)  # the lean Llama forward is float32 only
+    assert next(loaded.decoder.model.parameters()).dtype == torch.bfloat16
 
 
 def test_folder_wins_even_for_the_default_id(

@@ -12,10 +12,12 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from inference.engine import Engine, GenerationResult, TextChunk
 from inference.loader import bundled_package_available
 from inference.params import SamplingParams, build_sampling_params
+from inference.quantization import fbgemm_available
 from inference.settings import DEFAULT_MODEL_ID, Settings
 
 pytestmark = pytest.mark.real_model
@@ -33,10 +35,27 @@ def run(coroutine: Coroutine[Any, Any, T], timeout_s: float = 120.0) -> T:
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    engine = Engine(Settings())
+    """The default settings, as `make run` serves them."""
+    yield from started(Settings())
+
+
+def started(settings: Settings) -> Iterator[Engine]:
+    engine = Engine(settings)
     engine.start()
     yield engine
     engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def float32_engine() -> Iterator[Engine]:
+    yield from started(Settings(quantization="none"))
+
+
+@pytest.fixture(scope="module")
+def int8_engine() -> Iterator[Engine]:
+    if not fbgemm_available():
+        pytest.skip("int8 needs fbgemm (an x86 CPU with AVX2)")
+    yield from started(Settings(quantization="int8"))
 
 
 def greedy(engine: Engine, max_new_tokens: int = NEW_TOKENS) -> SamplingParams:
@@ -61,7 +80,28 @@ def test_chat_answers_the_capital_of_france(engine: Engine) -> None:
     assert "<|im_start|>" not in result.text
 
 
-def test_greedy_completion_is_deterministic_and_matches_transformers(engine: Engine) -> None:
+def test_auto_serves_smaller_weights_that_pass_the_quality_check(engine: Engine) -> None:
+    """On an x86 CPU, QUANTIZATION=auto serves int8 or float16 weights, whichever is smallest and passes the check
+    against float32 (perplexity within 3%, the likeliest token kept at 98% of positions)."""
+    assert engine.loaded is not None
+    weights = engine.loaded.weights
+    if not fbgemm_available():
+        assert weights.format == "none"
+        return
+    assert weights.format in ("int8", "float16"), weights.reason
+    assert weights.quality is not None
+    assert weights.quality.passes
+
+
+def test_int8_keeps_perplexity_within_3_percent(int8_engine: Engine) -> None:
+    assert int8_engine.loaded is not None
+    quality = int8_engine.loaded.weights.quality
+    assert quality is not None
+    assert quality.perplexity_increase <= 0.03, quality
+
+
+def test_greedy_completion_is_deterministic_and_matches_transformers(float32_engine: Engine) -> None:
+    engine = float32_engine
     assert engine.loaded is not None
     prompt = engine.prepare_completion("The three primary colors are")
     first = run(engine.generate(prompt, greedy(engine)))
@@ -69,7 +109,8 @@ def test_greedy_completion_is_deterministic_and_matches_transformers(engine: Eng
     assert first.text == second.text
     assert first.text.strip()
     # transformers' own greedy search on the same weights gives the same text
-    model, tokenizer = engine.loaded.model, engine.loaded.tokenizer
+    model = AutoModelForCausalLM.from_pretrained(engine.loaded.location, dtype=torch.float32)
+    tokenizer = engine.loaded.tokenizer
     with torch.inference_mode():
         output = model.generate(
             torch.tensor([prompt.token_ids]),
@@ -96,7 +137,10 @@ def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
     assert sample(456) != first
 
 
-def test_batched_greedy_equals_alone(engine: Engine) -> None:
+@pytest.mark.parametrize("engine_name", ["engine", "float32_engine", "int8_engine"])
+def test_batched_greedy_equals_alone(engine_name: str, request: pytest.FixtureRequest) -> None:
+    """Alone and in a batch, the same text, in every weight format (int8 scales its activations per row)."""
+    engine: Engine = request.getfixturevalue(engine_name)
     texts = [
         "The capital of Italy is",
         "def fibonacci(n):",

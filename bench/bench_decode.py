@@ -1,0 +1,113 @@
+"""The decode step alone, no server: milliseconds per step at batch 1 and 16, per forward pass and weight format.
+
+    python bench/bench_decode.py            # default model; prints a JSON line per batch size and a Markdown table
+
+Compares transformers' forward in float32 (what the engine used before) with the lean Llama forward in float32,
+float16 weights and int8, each step timed in turn (interleaved, so a noisy neighbour slows all alike), medians.
+Also measures this machine's memory bandwidth and, from the bytes each format reads per step, the weight-read bound:
+batch-1 decoding cannot be faster than reading every weight once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import cpu_description, memory_bandwidth_gb_s  # noqa: E402
+from inference import batch as batching  # noqa: E402
+from inference.decoders import Decoder, TransformersDecoder, _factory  # noqa: E402
+from inference.fast_llama import LlamaDecoder  # noqa: E402
+from inference.quantization import input_absmax  # noqa: E402
+
+PROMPT_TOKENS = 64
+
+
+def weight_bytes(decoder: Decoder) -> int:
+    """Bytes one decode step reads: every projection and the LM head (the embedding reads one row per token)."""
+    if isinstance(decoder, TransformersDecoder):
+        embedding = decoder.model.get_input_embeddings().weight
+        tied = decoder.model.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()
+        total = sum(p.numel() * p.element_size() for p in decoder.model.parameters())
+        return total if tied else total - embedding.numel() * embedding.element_size()
+    assert isinstance(decoder, LlamaDecoder)
+    modules = [module for layer in decoder.layers for module in (layer.qkv, layer.out, layer.gate_up, layer.down)]
+    return sum(_module_bytes(module) for module in [*modules, decoder.lm_head])
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    if hasattr(module, "weight"):
+        weight: torch.Tensor = module.weight
+        return weight.numel() * weight.element_size()
+    size = module.in_features * module.out_features
+    return size * (1 if type(module).__name__ == "Int8Linear" else 2)
+
+
+def start_batch(decoder: Decoder, rows: int) -> batching.RunningBatch:
+    batch = batching.RunningBatch(max_rows=rows)
+    prompts = [[1 + (row * 7 + i) % 1000 for i in range(PROMPT_TOKENS)] for row in range(rows)]
+    prefilled, logits = batching.prefill(decoder, prompts)
+    batch.add(prefilled, logits.argmax(-1, keepdim=True))
+    return batch
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from inference.loader import resolve_location
+    from inference.settings import Settings
+
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    _, location = resolve_location(Settings())
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    calibration = (ROOT / "inference" / "data" / "calibration.txt").read_text()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    absmax = input_absmax(model, torch.tensor([tokenizer(calibration)["input_ids"][:512]]), names)
+    decoders: dict[str, Decoder] = {
+        "transformers float32": TransformersDecoder(model),
+        "lean float32": LlamaDecoder(model),
+        "lean float16": LlamaDecoder(model, _factory("float16", absmax), embedding_dtype=torch.float16),
+        "lean int8": LlamaDecoder(model, _factory("int8", absmax), embedding_dtype=torch.float16),
+    }
+    bandwidth = memory_bandwidth_gb_s()
+    results: dict[str, Any] = {"cpu": cpu_description(), "threads": threads, "bandwidth_gb_s": bandwidth, "rows": {}}
+    for rows in (1, 16):
+        batches = {name: start_batch(decoder, rows) for name, decoder in decoders.items()}
+        times: dict[str, list[float]] = {name: [] for name in decoders}
+        for _ in range(args.steps):
+            for name, decoder in decoders.items():
+                batch = batches[name]
+                started = time.perf_counter()
+                logits = batch.step(decoder)
+                batch.next_tokens = logits.argmax(-1, keepdim=True)
+                times[name].append(time.perf_counter() - started)
+        results["rows"][rows] = {name: round(statistics.median(t[3:]) * 1000, 2) for name, t in times.items()}
+        print(json.dumps({"rows": rows, "ms_per_step": results["rows"][rows]}), flush=True)
+    print(f"\nCPU: {results['cpu']}; torch threads {threads}; memory bandwidth {bandwidth:.1f} GB/s\n")
+    print("| forward, weights | MB read per step | bound at batch 1 (ms) | batch 1 (ms) | % of bound | batch 16 (ms) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, decoder in decoders.items():
+        megabytes = weight_bytes(decoder) / 1e6
+        bound = megabytes / bandwidth  # MB / (GB/s) = ms
+        one, sixteen = results["rows"][1][name], results["rows"][16][name]
+        print(f"| {name} | {megabytes:.0f} | {bound:.1f} | {one:.1f} | {bound / one:.0%} | {sixteen:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

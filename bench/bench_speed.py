@@ -1,0 +1,287 @@
+"""Speed per weight format, side by side in one run: float32 one request at a time, then the engine in each format.
+
+    python bench/bench_speed.py            # writes its section of docs/benchmarks.md and bench/results/speed-*.json
+    python bench/bench_speed.py --quick    # fewer requests, for a smoke run
+
+The load users feel in the playground and what a llama.cpp server is measured with: the OpenAI chat route, streamed,
+32 story prompts, 64 new tokens each, temperature 0.8, top_p 0.95, each client sending its next request when its
+last one is answered (1 and 16 clients); plus bench_server.py's ragged load (prompts of 8-300 tokens, 16-256 new
+tokens) at 16 and 32 clients. Every server is `python app.py` in a subprocess with default settings except
+QUANTIZATION (and MAX_BATCH_SIZE=1 for the baseline): the first row is this app's float32 one-at-a-time baseline.
+Also per server: start-up (from `python app.py` to the first answered request), peak memory, and per format the
+quality check at start-up, whether 16 greedy prompts give the same text alone and batched, and their answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_server import AGREEMENT_PROMPTS, Server, make_jobs, percentile, run_level  # noqa: E402
+from bench.machine import cpu_description, memory_bandwidth_gb_s  # noqa: E402
+from bench.report import replace_section  # noqa: E402
+
+SUBJECTS = [
+    "a lighthouse keeper", "a lost robot", "a dragon who is afraid of fire", "two friends on a train",
+    "a baker in a small town", "a cat who wants to fly", "an astronaut's first day", "a river that talks",
+    "a detective in the rain", "a child's birthday", "an old violin", "a garden at night", "a pirate who hates the sea",
+    "a library that never closes", "a snowman in spring", "a clockmaker", "a girl and a fox", "the last tree on Mars",
+    "a shy ghost", "a storm at sea", "a chess game in the park", "a postman on a mountain", "a forgotten key",
+    "a village festival", "a talking parrot", "a time traveller's mistake", "a bridge between two kingdoms",
+    "the first snow", "a musician on the street", "a map with no names", "a kite that escaped", "a quiet island",
+]  # fmt: skip
+NEW_TOKENS = 64
+FORMATS = ("none", "float16", "int8")
+
+
+@dataclass
+class ChatOutcome:
+    ok: bool
+    latency_s: float
+    ttft_s: float
+    completion_tokens: int
+
+
+@dataclass
+class ChatLevel:
+    server: str
+    clients: int
+    requests: int
+    failed: int
+    tokens_per_s: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+    peak_rss_mb: float
+
+
+async def chat(client: httpx.AsyncClient, subject: str) -> ChatOutcome:
+    """One streamed chat request; time to first token is when its first piece of text arrives."""
+    body = {
+        "model": "SmolLM2-135M-Instruct", "stream": True, "stream_options": {"include_usage": True},
+        "max_tokens": NEW_TOKENS, "temperature": 0.8, "top_p": 0.95,
+        "messages": [{"role": "user", "content": f"Write a short story about {subject}."}],
+    }  # fmt: skip
+    started = time.perf_counter()
+    first, tokens = float("nan"), 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            return ChatOutcome(False, time.perf_counter() - started, first, 0)
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if first != first and any(choice["delta"].get("content") for choice in chunk.get("choices", [])):
+                first = time.perf_counter() - started
+    return ChatOutcome(True, time.perf_counter() - started, first, tokens)
+
+
+async def chat_level(server: Server, clients: int, requests: int) -> ChatLevel:
+    subjects = [SUBJECTS[i % len(SUBJECTS)] for i in range(requests)]
+    outcomes: list[ChatOutcome] = []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while subjects:
+            outcomes.append(await chat(client, subjects.pop(0)))
+
+    async with httpx.AsyncClient(base_url=server.url, timeout=900, limits=httpx.Limits(max_connections=64)) as client:
+        server.start_sampling()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+        wall = time.perf_counter() - started
+        peak = server.stop_sampling()
+    good = [outcome for outcome in outcomes if outcome.ok]
+    level = ChatLevel(
+        server=server.name, clients=clients, requests=len(outcomes), failed=len(outcomes) - len(good),
+        tokens_per_s=round(sum(o.completion_tokens for o in good) / wall, 2),
+        ttft_p50_s=round(percentile([o.ttft_s for o in good], 0.5), 3),
+        ttft_p95_s=round(percentile([o.ttft_s for o in good], 0.95), 3), peak_rss_mb=round(peak, 1),
+    )  # fmt: skip
+    print(json.dumps(asdict(level)), flush=True)
+    return level
+
+
+def started_server(name: str, env: dict[str, str]) -> tuple[Server, float]:
+    """Start `python app.py`; seconds from its start to the first answered chat request (the model loaded)."""
+    started = time.monotonic()
+    server = Server(name, env)
+    body = {"model": "x", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=300).raise_for_status()
+    return server, round(time.monotonic() - started, 1)
+
+
+def model_weights(server: Server) -> dict[str, Any]:
+    return dict(httpx.get(f"{server.url}/model-info", timeout=30).json()["weights"])
+
+
+def greedy_agreement(fmt: str) -> dict[str, Any]:
+    """In this process: the 16 greedy prompts alone, then all together in one batch; texts and how many agree."""
+    from inference.engine import Engine
+    from inference.params import SamplingParams
+    from inference.settings import Settings
+
+    engine = Engine(Settings(quantization=fmt, max_batch_size=len(AGREEMENT_PROMPTS)))  # type: ignore[arg-type]
+    engine.start()
+    prompts = [engine.prepare_completion(text) for text in AGREEMENT_PROMPTS]
+    params = SamplingParams(max_new_tokens=64, temperature=0.0)
+    alone = [asyncio.run(engine.generate(prompt, params)).text for prompt in prompts]
+
+    async def together() -> list[str]:
+        return [result.text for result in await asyncio.gather(*(engine.generate(p, params) for p in prompts))]
+
+    batched = asyncio.run(together())
+    engine.shutdown()
+    identical = sum(a == b for a, b in zip(alone, batched, strict=True))
+    answers = dict(zip(AGREEMENT_PROMPTS, alone, strict=True))
+    return {"format": fmt, "identical": identical, "of": len(prompts), "answers": answers}
+
+
+def greedy_agreement_in_subprocess(fmt: str) -> dict[str, Any]:
+    output = subprocess.run(
+        [sys.executable, __file__, "--agreement", fmt], capture_output=True, text=True, check=True, env=os.environ
+    )
+    return dict(json.loads(output.stdout.strip().splitlines()[-1]))
+
+
+def available_formats() -> list[str]:
+    from inference.quantization import fbgemm_available
+
+    return list(FORMATS) if fbgemm_available() else ["none"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests per level (smoke run)")
+    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--agreement", metavar="FORMAT", help=argparse.SUPPRESS)  # child: one greedy check
+    args = parser.parse_args()
+    if args.agreement:
+        print(json.dumps(greedy_agreement(args.agreement)))
+        return 0
+    scale = 0.5 if args.quick else 1.0
+    chat_requests = {1: max(4, int(8 * scale)), 16: int(32 * scale)}
+    ragged_requests = {16: int(32 * scale), 32: int(64 * scale)}
+    results: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_description(), "bandwidth_gb_s": memory_bandwidth_gb_s(), "torch_threads": os.cpu_count(),
+        "chat": [], "ragged": [], "startup_s": {}, "weights": {}, "agreement": [],
+    }  # fmt: skip
+    print(results["cpu"], flush=True)
+    runs = [("baseline (float32, one at a time)", {"MAX_BATCH_SIZE": "1", "QUANTIZATION": "none"})]
+    runs += [("engine (auto)", {"MAX_BATCH_SIZE": "32"})]
+    runs += [(f"engine ({fmt})", {"MAX_BATCH_SIZE": "32", "QUANTIZATION": fmt}) for fmt in available_formats()]
+    auto_format = None
+    for name, env in runs:
+        if env.get("QUANTIZATION") == auto_format:
+            continue  # auto's own choice was just measured
+        server, startup = started_server(name, env)
+        try:
+            weights = model_weights(server)
+            if "QUANTIZATION" not in env:
+                auto_format = weights["format"]
+                name = server.name = f"engine (auto: {auto_format})"
+            results["startup_s"][name], results["weights"][name] = startup, weights
+            for clients, requests in chat_requests.items():
+                results["chat"].append(asdict(asyncio.run(chat_level(server, clients, requests))))
+            for clients, requests in ragged_requests.items():
+                if name.startswith("baseline") and clients == 32:
+                    continue  # one at a time, 32 clients only wait longer than 16
+                jobs = make_jobs(requests, seed=clients)
+                results["ragged"].append(asdict(asyncio.run(run_level(server, name, clients, jobs))))
+        finally:
+            server.stop()
+    results["agreement"] = [greedy_agreement_in_subprocess(fmt) for fmt in available_formats()]
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"speed-{int(time.time())}.json").write_text(json.dumps(results, indent=2))
+    replace_section(args.report, "speed", render(results))
+    print(f"wrote the speed section of {args.report}")
+    return 0
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base else "n/a"
+
+
+def render(results: dict[str, Any]) -> str:
+    chat = results["chat"]
+    base = {level["clients"]: level["tokens_per_s"] for level in chat if level["server"].startswith("baseline")}
+    lines = [
+        "## Speed per weight format (`bench/bench_speed.py`)",
+        "",
+        f"Run {results['date']} on {results['cpu']}; memory read bandwidth {results['bandwidth_gb_s']:.1f} GB/s.",
+        "Each server is `python app.py` with the default settings except those in its name; the baseline is this",
+        "app in float32 with MAX_BATCH_SIZE=1. Ratios are to the baseline at the same number of clients, in this run.",
+        "",
+        "### Chat: 32 story prompts, 64 new tokens, temperature 0.8, top_p 0.95, streamed (`/v1/chat/completions`)",
+        "",
+        "| server | clients | tokens/s | vs baseline | TTFT p50 / p95 (s) | peak RSS (MB) | start-up (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for level in chat:
+        lines.append(
+            f"| {level['server']} | {level['clients']} | {level['tokens_per_s']:.1f} "
+            f"| {_ratio(level['tokens_per_s'], base.get(level['clients'], 0))} "
+            f"| {level['ttft_p50_s']:.2f} / {level['ttft_p95_s']:.2f} | {level['peak_rss_mb']:.0f} "
+            f"| {results['startup_s'][level['server']]:.1f} |"
+        )
+    ragged_base = next((lv["tokens_per_s"] for lv in results["ragged"] if lv["server"].startswith("baseline")), 0)
+    lines += [
+        "",
+        "### Ragged: prompts of 8-300 tokens, 16-256 new tokens, temperature 0.7 (`/generate`)",
+        "",
+        "| server | clients | tokens/s | vs baseline (16 clients) | TTFT p50 / p95 (s) | peak RSS (MB) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for level in results["ragged"]:
+        lines.append(
+            f"| {level['server']} | {level['clients']} | {level['tokens_per_s']:.1f} "
+            f"| {_ratio(level['tokens_per_s'], ragged_base)} | {level['ttft_p50_s']:.2f} / {level['ttft_p95_s']:.2f} "
+            f"| {level['peak_rss_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        "### Quality per format",
+        "",
+        "The start-up check against float32 on the built-in text (`inference/data/quality_check.txt`), and 16 greedy",
+        "prompts of 64 tokens run alone and then all in one batch.",
+        "",
+        "| format | perplexity (float32) | likeliest token kept | chosen by `auto` | identical alone and batched |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    weights = {info["format"]: info for info in results["weights"].values()}
+    for check in results["agreement"]:
+        info = weights.get(check["format"], {})
+        quality = info.get("quality")
+        measured = f"{quality['perplexity']:.2f} ({quality['perplexity_float32']:.2f})" if quality else "-"
+        kept = f"{quality['top1_agreement']:.1%}" if quality else "100%"
+        lines.append(
+            f"| {check['format']} | {measured} | {kept} | {'yes' if 'auto' in info.get('reason', '') else ''} "
+            f"| {check['identical']} of {check['of']} |"
+        )
+    lines += ["", "Greedy answers per format (first 80 characters):", ""]
+    lines += ["| prompt | " + " | ".join(c["format"] for c in results["agreement"]) + " |"]
+    lines += ["| --- " * (1 + len(results["agreement"])) + "|"]
+    for prompt in AGREEMENT_PROMPTS:
+        cells = [c["answers"][prompt][:80].replace("\n", " ").replace("|", "/") for c in results["agreement"]]
+        lines.append(f"| `{prompt.strip()}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

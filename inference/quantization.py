@@ -1,0 +1,175 @@
+"""Smaller weights for CPU decoding: int8 or float16 linear layers on fbgemm, PyTorch's x86 kernels.
+
+Decoding one token reads every weight once, so on a CPU a step costs about what moving the weights costs: int8 reads
+a quarter of float32's bytes, float16 half. What each mode does:
+
+- `float16`: weights stored in float16, multiplied in float32 (fbgemm's fp16 GEMM). The bundled SmolLM2 is converted
+  to float16 weights (loader.py), so for it this mode is exact.
+- `int8`: weights in int8 with one scale per output channel; activations quantized per row (per token) at run time,
+  so a row's numbers never depend on the other rows of its batch (integer accumulation is exact); SmoothQuant moves
+  activation outliers into the weights (scales calibrated on a built-in text); the LM head, the most sensitive
+  layer, stays in float16.
+
+Why fbgemm: on an AVX2 CPU without AVX-512 or AMX it was the only int8 path faster than float32 (torchao's int8
+configs, oneDNN's qlinear and `_weight_int8pack_mm` all measured slower: docs/benchmarks.md). Its Python front end
+(`torch.ao.quantization`) is deprecated; the C++ ops used here are not, but the quantized tensors needed to pack the
+weights are: that is confined to `_pack_int8`, pinned with torch, and covered by tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+QuantizedFormat = Literal["int8", "float16"]
+
+# Weights use 7 bits (±63) so that fbgemm's AVX2 kernel, which adds pairs of uint8 x int8 products in int16, can't
+# saturate with 8-bit activations (255 * 63 * 2 < 32767); 8-bit weights with 7-bit activations measured worse.
+WEIGHT_LEVELS = 63
+# A per-row-normalised activation lies in [-1, 1]; this maps it onto uint8 1..255 around 128.
+ACTIVATION_SCALE = 1 / 127
+ACTIVATION_ZERO_POINT = 128
+# SmoothQuant's migration strength: 0.5 splits the outliers' range evenly between activations and weights.
+SMOOTHING_ALPHA = 0.5
+TINY = 1e-30
+
+
+def fbgemm_available() -> bool:
+    """Whether this torch build has the fbgemm kernels (x86 CPUs with AVX2)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def _pack_int8(weight: torch.Tensor) -> tuple[torch.ScriptObject, torch.Tensor]:
+    """Per-output-channel symmetric int8 weights, packed for fbgemm; returns the packed weights and their scales."""
+    scales = (weight.abs().amax(dim=1) / WEIGHT_LEVELS).clamp_min(TINY)
+    zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # quantized tensors are deprecated, but fbgemm's packing still takes only them
+        warnings.simplefilter("ignore")
+        quantized = torch.quantize_per_channel(weight.float(), scales.double(), zero_points, 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(quantized, None), scales
+
+
+class Int8Linear(nn.Module):
+    """`y = x W^T + b` with int8 weights and per-row int8 activations (fbgemm)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, input_absmax: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        weight = weight.detach().float()
+        smoothing = torch.ones(self.in_features)
+        if input_absmax is not None:
+            # SmoothQuant: divide the activations by s per input channel and multiply the weights by it
+            activation_range = input_absmax.float().clamp_min(1e-5).pow(SMOOTHING_ALPHA)
+            smoothing = activation_range / weight.abs().amax(dim=0).clamp_min(1e-5).pow(1 - SMOOTHING_ALPHA)
+        self.packed, _ = _pack_int8(weight * smoothing)
+        self.inverse_smoothing: torch.Tensor = 1 / smoothing
+        self.bias: torch.Tensor | None = None if bias is None else bias.detach().float().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features) * self.inverse_smoothing
+        # 1. each row scaled into [-1, 1] by its own largest value, so the fixed quantization grid fits every row
+        row_scale = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_min_(TINY)
+        # 2. quantize, multiply in integers, dequantize: one fbgemm call
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            rows / row_scale, ACTIVATION_SCALE, ACTIVATION_ZERO_POINT, self.packed
+        )
+        # 3. undo the row scaling (and add the bias, which must not be scaled)
+        y = y * row_scale if self.bias is None else torch.addcmul(self.bias, y, row_scale)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Float16Linear(nn.Module):
+    """`y = x W^T + b` with float16 weights, computed in float32 (fbgemm's fp16 GEMM)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        bias = None if bias is None else bias.detach().float()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features), self.packed)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def make_linear(
+    fmt: QuantizedFormat, weight: torch.Tensor, bias: torch.Tensor | None, input_absmax: torch.Tensor | None
+) -> nn.Module:
+    if fmt == "int8":
+        return Int8Linear(weight, bias, input_absmax)
+    return Float16Linear(weight, bias)
+
+
+# ----- calibration and the quality check ---------------------------------------------------------------------------
+
+
+# The quality gate: against float32 on the built-in text, perplexity may rise at most 3% and the likeliest next
+# token must stay the same at 98% of positions (int8 on SmolLM2-135M kept perplexity within 3% while greedy answers
+# drifted: perplexity alone did not catch it).
+MAX_PERPLEXITY_INCREASE = 0.03
+MIN_TOP1_AGREEMENT = 0.98
+
+
+@dataclass(frozen=True)
+class QualityCheck:
+    """A weight format measured against float32 on the same text."""
+
+    perplexity_float32: float
+    perplexity: float
+    top1_agreement: float  # share of positions whose likeliest next token is float32's
+
+    @property
+    def perplexity_increase(self) -> float:
+        return self.perplexity / self.perplexity_float32 - 1
+
+    @property
+    def passes(self) -> bool:
+        return self.perplexity_increase <= MAX_PERPLEXITY_INCREASE and self.top1_agreement >= MIN_TOP1_AGREEMENT
+
+    def __str__(self) -> str:
+        return (
+            f"perplexity {self.perplexity:.2f} vs {self.perplexity_float32:.2f} in float32 "
+            f"({self.perplexity_increase:+.1%}), likeliest token kept at {self.top1_agreement:.1%} of positions"
+        )
+
+
+def compare(reference: torch.Tensor, logits: torch.Tensor, token_ids: torch.Tensor) -> QualityCheck:
+    """Logits [1, n, vocab] of `token_ids` [1, n] under float32 (`reference`) and a smaller format."""
+    agreement = (reference.argmax(-1) == logits.argmax(-1)).float().mean().item()
+    return QualityCheck(perplexity(reference, token_ids), perplexity(logits, token_ids), round(agreement, 4))
+
+
+@torch.inference_mode()
+def input_absmax(model: nn.Module, token_ids: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The largest |value| each input channel of the named submodules sees while `model(token_ids)` runs."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            absmax = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(dim=0).float()
+            seen[name] = absmax if name not in seen else torch.maximum(seen[name], absmax)
+
+        return record
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
+    try:
+        model(token_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def perplexity(logits: torch.Tensor, token_ids: torch.Tensor) -> float:
+    """exp(mean negative log-likelihood) of `token_ids` [1, n] given each position's `logits` [1, n, vocab]."""
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), token_ids[0, 1:].to(logits.device))
+    return math.exp(loss.item())

@@ -1,0 +1,115 @@
+"""Quantized linear layers: close to float32, and a row's numbers independent of the other rows of its batch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from inference.quantization import (
+    Float16Linear,
+    Int8Linear,
+    QualityCheck,
+    compare,
+    fbgemm_available,
+    input_absmax,
+    perplexity,
+)
+
+pytestmark = pytest.mark.skipif(not fbgemm_available(), reason="fbgemm needs an x86 CPU with AVX2")
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float(((actual - expected).norm(dim=-1) / expected.norm(dim=-1)).max())
+
+
+@pytest.fixture
+def weight() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(96, 64) * 0.05
+
+
+@pytest.fixture
+def rows() -> torch.Tensor:
+    """16 rows whose magnitudes differ 100-fold: a per-tensor activation scale would crush the small ones."""
+    torch.manual_seed(1)
+    return torch.randn(16, 64) * torch.logspace(-1, 1, 16).unsqueeze(1)
+
+
+def test_int8_is_close_to_float32(weight: torch.Tensor, rows: torch.Tensor) -> None:
+    assert relative_error(Int8Linear(weight, None, None)(rows), rows @ weight.T) < 0.05
+
+
+def test_int8_rows_are_the_same_alone_and_batched(weight: torch.Tensor, rows: torch.Tensor) -> None:
+    layer = Int8Linear(weight, None, None)
+    alone = torch.cat([layer(rows[i : i + 1]) for i in range(len(rows))])
+    assert torch.equal(alone, layer(rows))  # bit for bit, whatever the neighbours
+
+
+def test_int8_adds_the_bias_unscaled(weight: torch.Tensor, rows: torch.Tensor) -> None:
+    bias = torch.linspace(-3, 3, 96)
+    with_bias = Int8Linear(weight, bias, None)(rows)
+    without = Int8Linear(weight, None, None)(rows)
+    torch.testing.assert_close(with_bias - without, bias.expand_as(with_bias), rtol=0, atol=1e-5)
+
+
+def test_int8_keeps_leading_dimensions(weight: torch.Tensor) -> None:
+    assert Int8Linear(weight, None, None)(torch.randn(2, 3, 64)).shape == (2, 3, 96)
+
+
+def test_smoothing_tames_an_outlier_channel(weight: torch.Tensor, rows: torch.Tensor) -> None:
+    """One input channel 100x larger than the rest and read by small weights, as in LLMs: with per-row scales it
+    leaves the other channels a few levels each; SmoothQuant moves part of its range into the weights."""
+    rows, weight = rows.clone(), weight.clone()
+    rows[:, 7] *= 100
+    weight[:, 7] /= 100
+    expected = rows @ weight.T
+    plain = relative_error(Int8Linear(weight, None, None)(rows), expected)
+    smoothed = relative_error(Int8Linear(weight, None, rows.abs().amax(0))(rows), expected)
+    assert smoothed < plain / 2
+
+
+def test_float16_weights_compute_in_float32(weight: torch.Tensor, rows: torch.Tensor) -> None:
+    half_weight = weight.half().float()  # what float16 storage can hold: then only float32 rounding differs
+    torch.testing.assert_close(Float16Linear(weight, None)(rows), rows @ half_weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_input_absmax_records_each_channels_largest_value() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    inputs = torch.tensor([[1.0, -5.0, 2.0, 0.0], [-3.0, 1.0, 0.5, 0.25]])
+    seen = input_absmax(model, inputs, ["0"])
+    assert seen["0"].tolist() == [3.0, 5.0, 2.0, 0.25]
+
+
+def test_perplexity_is_exp_of_the_mean_negative_log_likelihood() -> None:
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))
+    ids = torch.tensor([[0, 1, 0]])
+    expected = math.exp(-(math.log(0.5) + math.log(0.25)) / 2)
+    assert perplexity(logits, ids) == pytest.approx(expected)
+
+
+def test_the_quality_check_compares_perplexity_and_the_likeliest_tokens() -> None:
+    torch.manual_seed(2)
+    reference = torch.randn(1, 50, 10)
+    ids = reference.argmax(-1)  # a text the reference finds likely
+    flipped = reference.clone()
+    flipped[0, :5] = -flipped[0, :5]  # 5 of 50 positions now prefer another token
+    same = compare(reference, reference.clone(), ids)
+    assert same.perplexity == same.perplexity_float32
+    assert same.top1_agreement == 1.0
+    assert same.passes
+    worse = compare(reference, flipped, ids)
+    assert worse.top1_agreement == 0.9
+    assert worse.perplexity > worse.perplexity_float32
+    assert not worse.passes
+
+
+@pytest.mark.parametrize(
+    ("perplexity_now", "agreement", "passes"), [(10.29, 0.99, True), (10.31, 0.99, False), (10.0, 0.979, False)]
+)
+def test_the_gate_is_3_percent_perplexity_and_98_percent_agreement(
+    perplexity_now: float, agreement: float, passes: bool
+) -> None:
+    assert QualityCheck(10.0, perplexity_now, agreement).passes is passes
