@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from api.routes import EngineDep
-from inference.engine import EngineFrontEnd, EngineState
+from inference.client import EngineClient, EngineState
 from inference.schemas import HealthResponse
 from inference.settings import Settings
 
@@ -22,7 +22,7 @@ def public_model_name(settings: Settings) -> str:
     return folder.name if folder.is_dir() else settings.model_id
 
 
-def health_body(engine: EngineFrontEnd) -> tuple[HealthResponse, int]:
+def health_body(engine: EngineClient) -> tuple[HealthResponse, int]:
     """Open to anyone, even with API_KEY set: no file paths here (the log has the whole failure)."""
     ready = engine.state is EngineState.READY
     if engine.state is EngineState.FAILED:

@@ -14,7 +14,7 @@ from api.auth import AuthFirstRoute
 from api.errors import ERROR_RESPONSES
 from api.routes import EngineDep, SettingsDep, request_id, timing_headers
 from api.sse import sse_response
-from inference.engine import EngineFrontEnd, EngineState, GenerationResult, RequestHandleBase, TextChunk
+from inference.client import EngineClient, EngineState, GenerationResult, RequestHandleBase, TextChunk
 from inference.errors import EngineError, NotReadyError, UnknownModelError
 from inference.openai_schemas import (
     OPENAI_FINISH_REASONS,
@@ -60,7 +60,7 @@ def usage_of(results: list[GenerationResult], prompt_tokens: int) -> OpenAIUsage
 
 
 def submit_all(
-    engine: EngineFrontEnd, settings: Settings, body: SamplingFields, prompts: list[PreparedPrompt],
+    engine: EngineClient, settings: Settings, body: SamplingFields, prompts: list[PreparedPrompt],
     max_tokens: int | None, request: Request, route: str,
 ) -> list[RequestHandleBase]:  # fmt: skip
     """One engine request per (prompt, choice); if one is refused, those already queued are cancelled."""
@@ -125,7 +125,7 @@ def model_card(settings: Settings) -> ModelCard:
     return ModelCard(id=settings.model_id, created=STARTED, owned_by="llm-serving")
 
 
-def serving(engine: EngineFrontEnd) -> bool:
+def serving(engine: EngineClient) -> bool:
     return engine.state in (EngineState.READY, EngineState.DRAINING)
 
 

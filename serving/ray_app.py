@@ -26,7 +26,8 @@ from ray.serve import Application
 from ray.serve._private.http_util import ASGIAppReplicaWrapper
 from ray.serve.handle import DeploymentHandle
 
-from inference.engine import Engine, EngineState, GenerationResult, TextChunk
+from inference.client import EngineState, GenerationResult, TextChunk
+from inference.engine import Engine
 from inference.errors import EngineError
 from inference.params import SamplingParams
 from inference.prompts import PreparedPrompt

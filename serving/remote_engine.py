@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from inference.engine import EngineFrontEnd, EngineState, GenerationResult, RequestHandleBase, TextChunk
+from inference.client import EngineClient, EngineState, GenerationResult, RequestHandleBase, TextChunk
 from inference.errors import EngineError, GenerationError, NotReadyError
 from inference.params import SamplingParams
 from inference.prompts import PreparedPrompt, PromptFormatter
@@ -120,8 +120,8 @@ class RemoteRequestHandle(RequestHandleBase):
             self.cancel()
 
 
-class RemoteEngine(EngineFrontEnd):
-    """`inference.engine.Engine`'s interface for create_app, the routes and the playground."""
+class RemoteEngine(EngineClient):
+    """The `EngineClient` that create_app, the routes and the playground use, over Ray Serve engine replicas."""
 
     def __init__(self, settings: Settings, engine_handle: Any, board_handle: Any) -> None:
         self.settings = settings

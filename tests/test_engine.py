@@ -22,7 +22,8 @@ from transformers import (
 
 from inference import engine as engine_module
 from inference import prompts
-from inference.engine import Engine, EngineState, GenerationResult, PreparedPrompt, TextChunk
+from inference.client import EngineState, GenerationResult, TextChunk
+from inference.engine import Engine
 from inference.errors import (
     GenerationError,
     InvalidRequestError,
@@ -33,7 +34,7 @@ from inference.errors import (
     RequestTimeoutError,
 )
 from inference.params import SamplingParams, build_sampling_params
-from inference.prompts import ChatMessage, transcript
+from inference.prompts import ChatMessage, PreparedPrompt, transcript
 
 T = TypeVar("T")
 EngineFactory = Callable[..., Engine]

@@ -16,8 +16,9 @@ import httpx
 import pytest
 from gradio_client import Client
 
+from inference.client import GenerationResult, TextChunk
 from inference.detokenize import IncrementalDecoder, StopStringFilter
-from inference.engine import Engine, GenerationResult, TextChunk, _Sequence
+from inference.engine import Engine, _Sequence
 from inference.params import SamplingParams
 from tests.live_server import LiveServer, serve
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from inference.engine import EngineFrontEnd
+from inference.client import EngineClient
 from inference.settings import Settings
 from ui.events import wire
 from ui.gradio_fixes import Blocks, unbatch_validators
@@ -20,7 +20,7 @@ GRADIO_CACHE_SWEEP_S = 3600
 GRADIO_SESSIONS_KEPT = 200
 
 
-def build_ui(engine: EngineFrontEnd, settings: Settings, handlers: Handlers | None = None) -> gr.Blocks:
+def build_ui(engine: EngineClient, settings: Settings, handlers: Handlers | None = None) -> gr.Blocks:
     handlers = handlers or Handlers(engine, settings)
     unbatch_validators()
     # Gradio deletes the files it made for this app once they are an hour old, and all of them at shutdown.
