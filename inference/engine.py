@@ -27,7 +27,6 @@ import torch
 from inference import __version__
 from inference import batch as batching
 from inference.client import EngineClient, EngineState, GenerationResult, RequestHandleBase, TextChunk
-from inference.detokenize import IncrementalDecoder, StopStringFilter
 from inference.errors import (
     EngineError,
     GenerationError,
@@ -40,38 +39,12 @@ from inference.loader import LoadedModel, load_model
 from inference.memory import release_free_heap_pages, return_freed_memory_promptly
 from inference.params import SamplingParams
 from inference.prompts import PreparedPrompt, PromptFormatter
-from inference.sampling import RowSampler, sample_next_tokens
+from inference.sampling import sample_next_tokens
 from inference.schemas import ModelInfo, ServerLimits, WeightsInfo
+from inference.sequence import Event, Sequence
 from inference.settings import Settings
 
 logger = logging.getLogger("inference.engine")
-
-_Event = TextChunk | GenerationResult | EngineError
-
-
-@dataclass(eq=False)
-class _Sequence:
-    """One request's state inside the engine."""
-
-    request_id: str
-    route: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    deliver: Callable[[_Event], None]
-    submitted_at: float
-    deadline: float
-    cancelled: bool = False  # the caller left (Stop, disconnect, done reading); set from any thread
-    done: bool = False  # a result or an error was delivered
-    sampler: RowSampler | None = None
-    decoder: IncrementalDecoder | None = None
-    stops: StopStringFilter | None = None
-    generated: int = 0
-    started_at: float = 0.0
-    first_token_at: float = 0.0
-
-    @property
-    def budget(self) -> int:
-        return len(self.prompt_ids) + self.params.max_new_tokens
 
 
 @dataclass
@@ -91,7 +64,7 @@ class RequestHandle(RequestHandleBase):
     """One submitted request: iterate `events()` for its text as it comes, or await `result()`; `cancel()` stops it.
     Abandoning `events()` early (a closed stream, a cancelled task) cancels the request too."""
 
-    def __init__(self, engine: Engine, sequence: _Sequence, events: asyncio.Queue[_Event]) -> None:
+    def __init__(self, engine: Engine, sequence: Sequence, events: asyncio.Queue[Event]) -> None:
         self._engine = engine
         self._sequence = sequence
         self._events = events
@@ -129,8 +102,8 @@ class Engine(EngineClient):
         self.formatter: PromptFormatter | None = None
         self.stats = EngineStats()
         self.observers = []  # called from the scheduler thread
-        self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._running: list[_Sequence] = []
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running: list[Sequence] = []
         self._batch = batching.RunningBatch(settings.max_batch_size)
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -223,9 +196,9 @@ class Engine(EngineClient):
         """Queue a request (call it from an asyncio loop). Refusals (not ready, too long, queue full) raise here, at
         once, before any response is started; what happens later arrives through the handle."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[_Event] = asyncio.Queue()
+        events: asyncio.Queue[Event] = asyncio.Queue()
 
-        def deliver(event: _Event) -> None:
+        def deliver(event: Event) -> None:
             # RuntimeError: the caller's loop is gone, so nobody is listening.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(events.put_nowait, event)
@@ -233,7 +206,7 @@ class Engine(EngineClient):
         sequence = self._submit(prompt, params, deliver, request_id=request_id, route=route)
         return RequestHandle(self, sequence, events)
 
-    def _cancel(self, sequence: _Sequence) -> None:
+    def _cancel(self, sequence: Sequence) -> None:
         if not sequence.done:
             sequence.cancelled = True
             self._notify()
@@ -280,16 +253,16 @@ class Engine(EngineClient):
         self,
         prompt: PreparedPrompt,
         params: SamplingParams,
-        deliver: Callable[[_Event], None],
+        deliver: Callable[[Event], None],
         *,
         request_id: str | None,
         route: str,
-    ) -> _Sequence:
+    ) -> Sequence:
         self._refuse_early(prompt, params)
         if prompt.extra_stops:
             params = _with_stops(params, prompt.extra_stops)
         now = time.monotonic()
-        sequence = _Sequence(
+        sequence = Sequence(
             request_id=request_id or uuid.uuid4().hex[:12],
             route=route,
             prompt_ids=prompt.token_ids,
@@ -347,7 +320,7 @@ class Engine(EngineClient):
         if self._running:
             self._decode()
 
-    def _admit(self) -> list[_Sequence]:
+    def _admit(self) -> list[Sequence]:
         with self._wakeup:
             if not self._running and not self._waiting:
                 self._wakeup.wait(timeout=0.1)
@@ -356,7 +329,7 @@ class Engine(EngineClient):
                 deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
                 while len(self._waiting) < self.settings.max_batch_size and time.monotonic() < deadline:
                     self._wakeup.wait(timeout=max(0.0, deadline - time.monotonic()))
-            admitted: list[_Sequence] = []
+            admitted: list[Sequence] = []
             prefill_tokens = 0
             rows = len(self._running)
             # rows are right-aligned in one cache, so it holds rows x (the longest row) slots: budget that, not the sum
@@ -372,9 +345,9 @@ class Engine(EngineClient):
                 prefill_tokens += len(candidate.prompt_ids)
             return admitted
 
-    def _prefill(self, newcomers: list[_Sequence]) -> None:
+    def _prefill(self, newcomers: list[Sequence]) -> None:
         """Prefill newcomers in groups of one prompt length (no padding, so no row's numbers depend on another's)."""
-        groups: dict[int, list[_Sequence]] = {}
+        groups: dict[int, list[Sequence]] = {}
         for sequence in newcomers:
             groups.setdefault(len(sequence.prompt_ids), []).append(sequence)
         for group in groups.values():
@@ -383,14 +356,11 @@ class Engine(EngineClient):
         # the weights and the KV cache need (-0.18 GB at 32 clients, measured: inference/memory.py)
         release_free_heap_pages()
 
-    def _prefill_group(self, newcomers: list[_Sequence]) -> None:
+    def _prefill_group(self, newcomers: list[Sequence]) -> None:
         assert self.loaded is not None
         started = time.monotonic()
         for sequence in newcomers:
-            sequence.started_at = started
-            sequence.sampler = RowSampler.create(sequence.params, sequence.prompt_ids, self._seeds.getrandbits(63))
-            sequence.decoder = IncrementalDecoder(self.loaded.tokenizer, sequence.prompt_ids)
-            sequence.stops = StopStringFilter(sequence.params.stop)
+            sequence.start(self.loaded.tokenizer, self._eos_ids, self._seeds.getrandbits(63), started)
         try:
             prefilled, logits = batching.prefill(self.loaded.decoder, [s.prompt_ids for s in newcomers])
             self._batch.add(prefilled, self._sample(newcomers, logits))
@@ -413,7 +383,7 @@ class Engine(EngineClient):
         self._batch.next_tokens = self._sample(self._running, logits)
         self._retire_finished()
 
-    def _sample(self, sequences: list[_Sequence], logits: torch.Tensor) -> torch.Tensor:
+    def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Pick each row's next token and pass its text on; rows whose bookkeeping fails are failed alone."""
         samplers = [sequence.sampler for sequence in sequences]
         assert all(sampler is not None for sampler in samplers)
@@ -427,24 +397,15 @@ class Engine(EngineClient):
                 self._fail(sequence, GenerationError("Generation failed while decoding this request."))
         return torch.tensor(tokens, dtype=torch.long, device=logits.device).unsqueeze(1)
 
-    def _accept_token(self, sequence: _Sequence, token: int, now: float) -> None:
-        assert sequence.sampler is not None
-        assert sequence.decoder is not None
-        assert sequence.stops is not None
+    def _accept_token(self, sequence: Sequence, token: int, now: float) -> None:
+        """Hand one sampled token to its request: pass on the text it makes visible, end the request if it is done."""
         if sequence.generated == 0:
             sequence.first_token_at = now
-        sequence.generated += 1
-        if token in self._eos_ids:
-            self._finish(sequence, "eos")
-            return
-        sequence.sampler.record(token)
-        visible = sequence.stops.push(sequence.decoder.push(token))
+        visible, finish_reason = sequence.accept(token)
         if visible:
             sequence.deliver(TextChunk(visible, sequence.generated))
-        if sequence.stops.stopped:
-            self._finish(sequence, "stop")
-        elif sequence.generated >= sequence.params.max_new_tokens:
-            self._finish(sequence, "length")
+        if finish_reason is not None:
+            self._finish(sequence, finish_reason)
 
     def _retire_finished(self) -> None:
         """Take rows that finished, failed, were cancelled or timed out out of the running batch."""
@@ -477,15 +438,14 @@ class Engine(EngineClient):
 
     # ----- endings ----------------------------------------------------------------------------------------------
 
-    def _finish(self, sequence: _Sequence, reason: str) -> None:
-        assert sequence.stops is not None
-        tail = sequence.stops.flush()
+    def _finish(self, sequence: Sequence, reason: str) -> None:
+        tail = sequence.flush()
         if tail:
             sequence.deliver(TextChunk(tail, sequence.generated))
         now = time.monotonic()
         result = GenerationResult(
             request_id=sequence.request_id,
-            text=sequence.stops.text,
+            text=sequence.text,
             finish_reason=reason,
             prompt_tokens=len(sequence.prompt_ids),
             completion_tokens=sequence.generated,
@@ -499,12 +459,12 @@ class Engine(EngineClient):
         sequence.deliver(result)
         self._log(sequence, reason, result)
 
-    def _end_cancelled(self, sequence: _Sequence) -> None:
+    def _end_cancelled(self, sequence: Sequence) -> None:
         sequence.done = True
         self.stats.requests_cancelled += 1
         self._log(sequence, "cancelled")
 
-    def _fail(self, sequence: _Sequence, error: EngineError) -> None:
+    def _fail(self, sequence: Sequence, error: EngineError) -> None:
         if sequence.done:
             return
         sequence.done = True
@@ -513,7 +473,7 @@ class Engine(EngineClient):
         sequence.deliver(error)
         self._log(sequence, f"error:{error.type}")
 
-    def _log(self, sequence: _Sequence, status: str, result: GenerationResult | None = None) -> None:
+    def _log(self, sequence: Sequence, status: str, result: GenerationResult | None = None) -> None:
         """Each request's one log line, and its end told to the observers (metrics)."""
         self.report_end(sequence.route, status, result)
         if result is None:
