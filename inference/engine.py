@@ -18,7 +18,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -311,42 +311,71 @@ class Engine(EngineClient):
                 self._running, self._batch = [], batching.RunningBatch(self.settings.max_batch_size)
 
     def _step(self) -> None:
-        """One scheduler turn: drop cancelled and expired requests, admit newcomers, decode one token for every row."""
-        self._drop_cancelled_and_expired()
-        self._retire_finished()
+        """One scheduler turn: the whole life of a token, one stage per line (as TGI's `generate_token` reads)."""
+        # expire: requests whose caller left or whose REQUEST_TIMEOUT_S passed end, whether they wait or run
+        self._expire()
+        # retire: rows whose request ended leave the batch, so they take no place in it and are not decoded
+        self._retire()
+        # wait for work: sleep while nothing waits or runs; an idle engine gives a newcomer's companions a moment
+        self._wait_for_work()
+        # admit: from the front of the queue, the requests the batch's row and token budgets have room for
         newcomers = self._admit()
-        if newcomers:
-            self._prefill(newcomers)
-        if self._running:
-            self._decode()
+        # prefill: newcomers' prompts through the model; each samples and accepts its first token, then joins
+        self._prefill(newcomers)
+        # retire: rows that ended with their first token leave before the decode
+        self._retire()
+        if not self._running:
+            return
+        # decode: one forward pass, one new position for every running row
+        logits = self._decode()
+        # sample: each row's next token, by its own parameters; the batch feeds it in at the next decode
+        tokens = self._sample(self._running, logits)
+        self._batch.next_tokens = _as_column(tokens, logits.device)
+        # accept: each request takes its token: text out to its caller, and whether and why it finished
+        self._accept(self._running, tokens)
+        # retire: rows whose request finished or failed leave the batch
+        self._retire()
 
-    def _admit(self) -> list[Sequence]:
+    def _expire(self) -> None:
+        """End every request whose caller left (Stop, disconnect) or whose REQUEST_TIMEOUT_S passed, waiting or
+        running; running rows leave the batch at the next retire."""
+        now = time.monotonic()
+        with self._wakeup:
+            leaving_queue = [sequence for sequence in self._waiting if sequence.cancelled or now > sequence.deadline]
+            for sequence in leaving_queue:
+                self._waiting.remove(sequence)
+        leaving_batch = [
+            sequence
+            for sequence in self._running
+            if not sequence.done and (sequence.cancelled or now > sequence.deadline)
+        ]
+        for sequence in [*leaving_queue, *leaving_batch]:
+            if sequence.cancelled:
+                self._end_cancelled(sequence)
+            else:
+                self._fail(sequence, RequestTimeoutError(self.settings.request_timeout_s))
+
+    def _wait_for_work(self) -> None:
+        """Sleep while nothing waits or runs (a submit, a cancel or a shutdown wakes it, or 0.1 s passes). An idle
+        engine that has a request waits up to BATCH_WAIT_MS for companions, so they share its first prefill."""
         with self._wakeup:
             if not self._running and not self._waiting:
                 self._wakeup.wait(timeout=0.1)
             if not self._running and self._waiting and self.settings.batch_wait_ms > 0:
-                # idle engine: give companions a moment to arrive, so they share the first prefill
                 deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
                 while len(self._waiting) < self.settings.max_batch_size and time.monotonic() < deadline:
                     self._wakeup.wait(timeout=max(0.0, deadline - time.monotonic()))
-            admitted: list[Sequence] = []
-            prefill_tokens = 0
-            rows = len(self._running)
-            # rows are right-aligned in one cache, so it holds rows x (the longest row) slots: budget that, not the sum
-            widest = max((sequence.budget for sequence in self._running), default=0)
-            while self._waiting and rows < self.settings.max_batch_size:
-                candidate = self._waiting[0]
-                if (rows + 1) * max(widest, candidate.budget) > self.settings.max_batch_tokens:
-                    break  # first come, first served: later requests don't jump the queue
-                if admitted and prefill_tokens + len(candidate.prompt_ids) > self.settings.max_prefill_tokens:
-                    break  # the rest join at a later step: one huge prefill would stall the running rows for long
-                admitted.append(self._waiting.popleft())
-                rows, widest = rows + 1, max(widest, candidate.budget)
-                prefill_tokens += len(candidate.prompt_ids)
-            return admitted
+
+    def _admit(self) -> list[Sequence]:
+        """Take from the queue the requests that join the batch now (`admission_count` says how many)."""
+        with self._wakeup:
+            count = admission_count(self._waiting, self._running, self.settings)
+            return [self._waiting.popleft() for _ in range(count)]
 
     def _prefill(self, newcomers: list[Sequence]) -> None:
         """Prefill newcomers in groups of one prompt length (no padding, so no row's numbers depend on another's)."""
+        if not newcomers:
+            return
         groups: dict[int, list[Sequence]] = {}
         for sequence in newcomers:
             groups.setdefault(len(sequence.prompt_ids), []).append(sequence)
@@ -357,13 +386,17 @@ class Engine(EngineClient):
         release_free_heap_pages()
 
     def _prefill_group(self, newcomers: list[Sequence]) -> None:
+        """One forward pass over same-length prompts; their first tokens go through sample and accept as a decode's
+        do, and the rows join the running batch. A fault fails this group alone."""
         assert self.loaded is not None
         started = time.monotonic()
         for sequence in newcomers:
             sequence.start(self.loaded.tokenizer, self._eos_ids, self._seeds.getrandbits(63), started)
         try:
             prefilled, logits = batching.prefill(self.loaded.decoder, [s.prompt_ids for s in newcomers])
-            self._batch.add(prefilled, self._sample(newcomers, logits))
+            tokens = self._sample(newcomers, logits)
+            self._accept(newcomers, tokens)
+            self._batch.add(prefilled, _as_column(tokens, logits.device))
         except Exception:
             # newcomers are in neither the queue nor the running batch yet: fail them here, or they wait forever
             logger.exception("Prefill failed")
@@ -372,22 +405,23 @@ class Engine(EngineClient):
             return
         self.stats.prefills += 1
         self._running.extend(newcomers)
-        self._retire_finished()
 
-    def _decode(self) -> None:
+    def _decode(self) -> torch.Tensor:
+        """The forward pass over every running row's newest token; returns the logits of the token after it."""
         assert self.loaded is not None
         self.stats.decode_steps += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._running))
         self.stats.batch_sizes_seen[len(self._running)] += 1
-        logits = self._batch.step(self.loaded.decoder)
-        self._batch.next_tokens = self._sample(self._running, logits)
-        self._retire_finished()
+        return self._batch.step(self.loaded.decoder)
 
-    def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        """Pick each row's next token and pass its text on; rows whose bookkeeping fails are failed alone."""
+    def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Each row's next token, by its own parameters and random stream."""
         samplers = [sequence.sampler for sequence in sequences]
         assert all(sampler is not None for sampler in samplers)
-        tokens = sample_next_tokens(logits, samplers)  # type: ignore[arg-type]
+        return sample_next_tokens(logits, samplers)  # type: ignore[arg-type]
+
+    def _accept(self, sequences: list[Sequence], tokens: list[int]) -> None:
+        """Hand each request its token; a request whose bookkeeping fails is failed alone, the batch goes on."""
         now = time.monotonic()
         for sequence, token in zip(sequences, tokens, strict=True):
             try:
@@ -395,7 +429,6 @@ class Engine(EngineClient):
             except Exception:
                 logger.exception("Request %s failed while decoding", sequence.request_id)
                 self._fail(sequence, GenerationError("Generation failed while decoding this request."))
-        return torch.tensor(tokens, dtype=torch.long, device=logits.device).unsqueeze(1)
 
     def _accept_token(self, sequence: Sequence, token: int, now: float) -> None:
         """Hand one sampled token to its request: pass on the text it makes visible, end the request if it is done."""
@@ -407,16 +440,8 @@ class Engine(EngineClient):
         if finish_reason is not None:
             self._finish(sequence, finish_reason)
 
-    def _retire_finished(self) -> None:
-        """Take rows that finished, failed, were cancelled or timed out out of the running batch."""
-        now = time.monotonic()
-        for sequence in self._running:
-            if sequence.done:
-                continue
-            if sequence.cancelled:
-                self._end_cancelled(sequence)
-            elif now > sequence.deadline:
-                self._fail(sequence, RequestTimeoutError(self.settings.request_timeout_s))
+    def _retire(self) -> None:
+        """Take the rows whose request ended (finished, failed, cancelled, timed out) out of the running batch."""
         leaving = [index for index, sequence in enumerate(self._running) if sequence.done]
         if not leaving:
             return
@@ -424,17 +449,6 @@ class Engine(EngineClient):
             self._running, self._batch = [], batching.RunningBatch(self.settings.max_batch_size)
             return
         self._running = [self._running[index] for index in self._batch.remove(leaving)]
-
-    def _drop_cancelled_and_expired(self) -> None:
-        now = time.monotonic()
-        with self._wakeup:
-            for sequence in list(self._waiting):
-                if sequence.cancelled:
-                    self._waiting.remove(sequence)
-                    self._end_cancelled(sequence)
-                elif now > sequence.deadline:
-                    self._waiting.remove(sequence)
-                    self._fail(sequence, RequestTimeoutError(self.settings.request_timeout_s))
 
     # ----- endings ----------------------------------------------------------------------------------------------
 
@@ -498,6 +512,30 @@ class Engine(EngineClient):
             result.tokens_per_second,
             status,
         )
+
+
+def admission_count(waiting: Iterable[Sequence], running: list[Sequence], settings: Settings) -> int:
+    """How many requests from the front of the queue join the running batch now: as many as fit MAX_BATCH_SIZE rows
+    and MAX_BATCH_TOKENS cache slots, with at most MAX_PREFILL_TOKENS of prompt (past the first newcomer's)."""
+    count = prefill_tokens = 0
+    rows = len(running)
+    # rows are right-aligned in one cache, so it holds rows x (the longest row) slots: budget that, not the sum
+    widest = max((sequence.budget for sequence in running), default=0)
+    for candidate in waiting:
+        if rows >= settings.max_batch_size:
+            break
+        if (rows + 1) * max(widest, candidate.budget) > settings.max_batch_tokens:
+            break  # first come, first served: later requests don't jump the queue
+        if count and prefill_tokens + len(candidate.prompt_ids) > settings.max_prefill_tokens:
+            break  # the rest join at a later step: one huge prefill would stall the running rows for long
+        count, rows, widest = count + 1, rows + 1, max(widest, candidate.budget)
+        prefill_tokens += len(candidate.prompt_ids)
+    return count
+
+
+def _as_column(tokens: list[int], device: torch.device) -> torch.Tensor:
+    """Sampled tokens as the [rows, 1] tensor the batch feeds to its next forward pass."""
+    return torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(1)
 
 
 def _with_stops(params: SamplingParams, extra: tuple[str, ...]) -> SamplingParams:
