@@ -66,4 +66,4 @@ for path, probe in (("/health", health), ("/health/ready", ready), ("/health/liv
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def metrics(request: Request) -> Response:
     """Prometheus metrics, in the text exposition format."""
-    return request.app.state.metrics.render(request)  # type: ignore[no-any-return]
+    return request.app.state.metrics.render()  # type: ignore[no-any-return]

@@ -7,7 +7,6 @@ Names follow what TGI and vLLM users know (`*_request_duration_seconds`, `*_time
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -67,7 +66,8 @@ class Metrics:
         self.prompt_tokens.inc(result.prompt_tokens)
         self.generation_tokens.inc(result.completion_tokens)
 
-    def render(self, request: Request) -> Response:
+    def render(self) -> Response:
+        """Every metric in Prometheus's text exposition format."""
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -11,7 +11,6 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import itertools
 import logging
 import os
 import random
@@ -110,7 +109,6 @@ class Engine(EngineClient):
         self._stopping = False
         self._eos_ids: set[int] = set()
         self._seeds = random.Random()
-        self._ids = itertools.count(1)
 
     # ----- life cycle -------------------------------------------------------------------------------------------
 

@@ -59,10 +59,6 @@ class RemoteRequestHandle(RequestHandleBase):
         self._ended = False
         self._response: Any = self._start()
 
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self._prompt.token_ids)
-
     def _start(self) -> Any:
         method = self._engine.engine_handle.options(stream=True).stream
         return method.remote(self._prompt, self._params, self.request_id, self._route)
@@ -191,10 +187,6 @@ class RemoteEngine(EngineClient):
         if self._poller is not None:
             self._poller.join(timeout_s)
         self.state = EngineState.STOPPED
-
-    @property
-    def idle(self) -> bool:
-        return all(entry["snapshot"]["running"] + entry["snapshot"]["waiting"] == 0 for entry in self.replicas)
 
     # ----- what callers use ---------------------------------------------------------------------------------------
 
