@@ -24,7 +24,7 @@ def public_model_name(settings: Settings) -> str:
 
 def health_body(engine: EngineClient) -> tuple[HealthResponse, int]:
     """Open to anyone, even with API_KEY set: no file paths here (the log has the whole failure)."""
-    ready = engine.state is EngineState.READY
+    ready = engine.ready
     if engine.state is EngineState.FAILED:
         reason = "The model failed to load; the server log says why."
     elif engine.state is EngineState.DRAINING:

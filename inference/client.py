@@ -120,12 +120,17 @@ class EngineClient(abc.ABC):
 
     @property
     def ready(self) -> bool:
+        """Loaded and taking new requests (what /health and /health/ready report)."""
         return self.state is EngineState.READY
+
+    @property
+    def serving(self) -> bool:
+        """Loaded and serving: ready, or draining (requests already accepted finish; info and tokenizing work)."""
+        return self.state in (EngineState.READY, EngineState.DRAINING)
 
     def _serving_formatter(self) -> PromptFormatter:
         """The prompt formatter, while the engine serves (or drains: info and tokenizing still work then)."""
-        usable = self.state in (EngineState.READY, EngineState.DRAINING)
-        if not usable or self.formatter is None:
+        if not self.serving or self.formatter is None:
             reason = self.failure or f"the model is {self.state.value}"
             raise NotReadyError(f"The model is not ready: {reason}.")
         return self.formatter

@@ -113,7 +113,7 @@ class EngineDeployment:
     def check_health(self) -> None:
         """Serve restarts a replica whose engine failed or whose scheduler thread died."""
         scheduler = self.engine._thread
-        if self.engine.state is not EngineState.READY or scheduler is None or not scheduler.is_alive():
+        if not self.engine.ready or scheduler is None or not scheduler.is_alive():
             raise RuntimeError(f"engine is {self.engine.state.value}: {self.engine.failure or 'scheduler stopped'}")
 
     def __del__(self) -> None:
