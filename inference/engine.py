@@ -288,7 +288,7 @@ class Engine(EngineClient):
 
     def _run(self, loaded: threading.Event, failure: list[BaseException]) -> None:
         # All torch work happens on this one thread, loading included: a second thread running torch ops gets an
-        # OpenMP team of its own, and two teams on 2 cores slowed batch-1 decoding from ~29 to ~17 tokens/s here.
+        # OpenMP team of its own, and two teams fight over the same cores and slow decoding (see docs/benchmarks.md).
         try:
             self._load()
         except Exception as exc:
@@ -380,7 +380,7 @@ class Engine(EngineClient):
         for group in groups.values():
             self._prefill_group(group)
         # a prefill's activations leave the heaps fragmented; handing their free pages back keeps peak RSS near what
-        # the weights and the KV cache need (-0.18 GB at 32 clients, measured: inference/memory.py)
+        # the weights and the KV cache need (why: inference/memory.py; figures: docs/benchmarks.md)
         release_free_heap_pages()
 
     def _prefill_group(self, newcomers: list[Sequence]) -> None:

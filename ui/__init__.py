@@ -38,9 +38,9 @@ def build_ui(engine: EngineClient, settings: Settings, handlers: Handlers | None
     # direct /gradio_api/run/<name> route would skip both, past the queue's size and concurrency limits. The
     # playground's quick events (queue=False) still go that way.
     demo.queue(max_size=settings.max_queue_size, default_concurrency_limit=settings.max_batch_size, api_open=False)
-    # Gradio keeps a copy of the page's config for every session (~80 KB here, measured), the least recently used
-    # dropped past this many, and each API call without a session hash is a session of its own: with Gradio's
-    # default of 10,000, API traffic alone grew the process by ~0.8 GB before anything was freed. More sessions than
+    # Gradio keeps a copy of the page's config for every session, the least recently used dropped past this many,
+    # and each API call without a session hash is a session of its own: with Gradio's default of 10,000, API traffic
+    # alone grew the process a lot before anything was freed (figures: README, "Memory"). More sessions than
     # this can't be active at once anyway (the engine holds MAX_BATCH_SIZE + MAX_QUEUE_SIZE requests); a tab whose
     # session was dropped gets a fresh one at its next event and loses nothing (no gr.State here: the conversation
     # lives in the page).
