@@ -1,8 +1,9 @@
 """The engine: owns the model and tokenizer, and a scheduler thread that batches every request continuously.
 
 Requests join the running batch after their prefill and leave it the step they finish, so a short request is not
-held behind a long one. Callers (HTTP routes, Gradio events, benchmarks) use `stream`/`generate` from any asyncio
-loop; the engine knows nothing of HTTP or Gradio.
+held behind a long one. `Engine._step` is the scheduler, read top to bottom. Callers (HTTP routes, Gradio events,
+benchmarks) hold it as an `inference.client.EngineClient` and use `stream`/`generate` from any asyncio loop; each
+request's own bookkeeping is an `inference.sequence.Sequence`. The engine knows nothing of HTTP or Gradio.
 """
 
 from __future__ import annotations
