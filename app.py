@@ -28,7 +28,8 @@ from api.server import DrainingServer, server_config
 from api.throttle import FailureBackoff, LoginBackoffMiddleware
 from api.uploads import NoUploads
 from inference import __version__
-from inference.engine import Engine, EngineFrontEnd, EngineState
+from inference.client import EngineClient, EngineState
+from inference.engine import Engine
 from inference.settings import Settings, get_settings
 from ui import CSS, THEME, build_ui
 from ui.handlers import Handlers
@@ -36,7 +37,7 @@ from ui.handlers import Handlers
 logger = logging.getLogger("app")
 
 
-def create_app(settings: Settings | None = None, engine: EngineFrontEnd | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:
     settings = settings or get_settings()
     engine = engine or Engine(settings)
 
@@ -94,7 +95,7 @@ def create_app(settings: Settings | None = None, engine: EngineFrontEnd | None =
     )
 
 
-def _start_engine(engine: EngineFrontEnd) -> None:
+def _start_engine(engine: EngineClient) -> None:
     # A failure is already logged and kept by the engine; /health reports it.
     with contextlib.suppress(Exception):
         engine.start()

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from api.routes import EngineDep
-from inference.engine import EngineFrontEnd, EngineState
+from inference.client import EngineClient, EngineState
 from inference.schemas import HealthResponse
 from inference.settings import Settings
 
@@ -22,9 +22,9 @@ def public_model_name(settings: Settings) -> str:
     return folder.name if folder.is_dir() else settings.model_id
 
 
-def health_body(engine: EngineFrontEnd) -> tuple[HealthResponse, int]:
+def health_body(engine: EngineClient) -> tuple[HealthResponse, int]:
     """Open to anyone, even with API_KEY set: no file paths here (the log has the whole failure)."""
-    ready = engine.state is EngineState.READY
+    ready = engine.ready
     if engine.state is EngineState.FAILED:
         reason = "The model failed to load; the server log says why."
     elif engine.state is EngineState.DRAINING:
@@ -66,4 +66,4 @@ for path, probe in (("/health", health), ("/health/ready", ready), ("/health/liv
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def metrics(request: Request) -> Response:
     """Prometheus metrics, in the text exposition format."""
-    return request.app.state.metrics.render(request)  # type: ignore[no-any-return]
+    return request.app.state.metrics.render()  # type: ignore[no-any-return]

@@ -7,12 +7,11 @@ Names follow what TGI and vLLM users know (`*_request_duration_seconds`, `*_time
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from inference.engine import EngineFrontEnd, GenerationResult
+from inference.client import EngineClient, GenerationResult
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 TOKEN_TIME_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
@@ -21,7 +20,7 @@ TOKEN_TIME_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
 class Metrics:
     """One registry per app (so several apps in one process, as in tests, don't collide)."""
 
-    def __init__(self, engine: EngineFrontEnd) -> None:
+    def __init__(self, engine: EngineClient) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
         self.http_requests = Counter(
@@ -67,7 +66,8 @@ class Metrics:
         self.prompt_tokens.inc(result.prompt_tokens)
         self.generation_tokens.inc(result.completion_tokens)
 
-    def render(self, request: Request) -> Response:
+    def render(self) -> Response:
+        """Every metric in Prometheus's text exposition format."""
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 

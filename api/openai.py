@@ -14,7 +14,7 @@ from api.auth import AuthFirstRoute
 from api.errors import ERROR_RESPONSES
 from api.routes import EngineDep, SettingsDep, request_id, timing_headers
 from api.sse import sse_response
-from inference.engine import EngineFrontEnd, EngineState, GenerationResult, RequestHandleBase, TextChunk
+from inference.client import EngineClient, GenerationResult, RequestHandleBase, TextChunk
 from inference.errors import EngineError, NotReadyError, UnknownModelError
 from inference.openai_schemas import (
     OPENAI_FINISH_REASONS,
@@ -60,7 +60,7 @@ def usage_of(results: list[GenerationResult], prompt_tokens: int) -> OpenAIUsage
 
 
 def submit_all(
-    engine: EngineFrontEnd, settings: Settings, body: SamplingFields, prompts: list[PreparedPrompt],
+    engine: EngineClient, settings: Settings, body: SamplingFields, prompts: list[PreparedPrompt],
     max_tokens: int | None, request: Request, route: str,
 ) -> list[RequestHandleBase]:  # fmt: skip
     """One engine request per (prompt, choice); if one is refused, those already queued are cancelled."""
@@ -125,14 +125,10 @@ def model_card(settings: Settings) -> ModelCard:
     return ModelCard(id=settings.model_id, created=STARTED, owned_by="llm-serving")
 
 
-def serving(engine: EngineFrontEnd) -> bool:
-    return engine.state in (EngineState.READY, EngineState.DRAINING)
-
-
 @router.get("/models", response_model=ModelList)
 async def list_models(engine: EngineDep, settings: SettingsDep) -> ModelList:
     """The one model this server serves, once it is loaded (an empty list while it loads or if it failed)."""
-    return ModelList(data=[model_card(settings)] if serving(engine) else [])
+    return ModelList(data=[model_card(settings)] if engine.serving else [])
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard, responses={s: ERROR_RESPONSES[s] for s in (404, 503)})
@@ -140,7 +136,7 @@ async def retrieve_model(model_id: str, engine: EngineDep, settings: SettingsDep
     """The served model's card (its id, or the id's last part, as `model` accepts); 404 for any other id."""
     if model_id not in served_names(settings):
         raise UnknownModelError(model_id, settings.model_id)
-    if not serving(engine):
+    if not engine.serving:
         raise NotReadyError(f"The model is {engine.state.value}, not serving yet.")
     return model_card(settings)
 

@@ -11,7 +11,7 @@ from fastapi.sse import EventSourceResponse
 from api.auth import AuthFirstRoute
 from api.errors import ERROR_RESPONSES
 from api.sse import sse_response
-from inference.engine import EngineFrontEnd, GenerationResult, TextChunk
+from inference.client import EngineFrontEnd, GenerationResult, TextChunk
 from inference.errors import InvalidRequestError
 from inference.prompts import ChatMessage
 from inference.schemas import (

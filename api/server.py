@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from starlette.routing import Mount
 
 from api.connections import guarded_protocol
-from inference.engine import EngineFrontEnd
+from inference.client import EngineClient
 from inference.settings import Settings
 
 logger = logging.getLogger("app")
@@ -45,7 +45,7 @@ class DrainingServer(uvicorn.Server):
     get a 503 in the error shape (or a last error event, on a stream), and only then does uvicorn close the listener
     and exit 0. A second signal ends the grace period at once; a third quits without waiting."""
 
-    def __init__(self, config: uvicorn.Config, engine: EngineFrontEnd, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, engine: EngineClient, grace_s: float) -> None:
         super().__init__(config)
         self.engine = engine
         self.grace_s = grace_s

@@ -1,27 +1,24 @@
 """The engine: owns the model and tokenizer, and a scheduler thread that batches every request continuously.
 
 Requests join the running batch after their prefill and leave it the step they finish, so a short request is not
-held behind a long one. Callers (HTTP routes, Gradio events, benchmarks) use `stream`/`generate` from any asyncio
-loop; the engine knows nothing of HTTP or Gradio.
+held behind a long one. `Engine._step` is the scheduler, read top to bottom. Callers (HTTP routes, Gradio events,
+benchmarks) hold it as an `inference.client.EngineClient` and use `stream`/`generate` from any asyncio loop; each
+request's own bookkeeping is an `inference.sequence.Sequence`. The engine knows nothing of HTTP or Gradio.
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import collections
 import contextlib
 import dataclasses
-import enum
-import functools
-import itertools
 import logging
 import os
 import random
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,90 +26,25 @@ import torch
 
 from inference import __version__
 from inference import batch as batching
-from inference.admission import TokenizingGate
-from inference.detokenize import IncrementalDecoder, StopStringFilter
+from inference.client import EngineClient, EngineState, GenerationResult, RequestHandleBase, TextChunk
 from inference.errors import (
     EngineError,
     GenerationError,
-    InvalidRequestError,
     ModelNotFoundError,
     NotReadyError,
-    PromptTooLongError,
     QueueFullError,
     RequestTimeoutError,
 )
 from inference.loader import LoadedModel, load_model
 from inference.memory import release_free_heap_pages, return_freed_memory_promptly
 from inference.params import SamplingParams
-from inference.prompts import ChatMessage, PreparedPrompt, PromptFormatter, check_messages
-from inference.sampling import RowSampler, sample_next_tokens
+from inference.prompts import PreparedPrompt, PromptFormatter
+from inference.sampling import sample_next_tokens
 from inference.schemas import ModelInfo, ServerLimits, WeightsInfo
+from inference.sequence import Event, Sequence
 from inference.settings import Settings
-from inference.text import check_text
 
 logger = logging.getLogger("inference.engine")
-
-
-class EngineState(enum.Enum):
-    STARTING = "starting"
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
-    DRAINING = "draining"  # shutting down: running requests finish, new ones are refused
-    STOPPED = "stopped"
-
-
-@dataclass(frozen=True)
-class TextChunk:
-    """New text of a streaming request (already safe to show: no partial stop string, no broken character)."""
-
-    text: str
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    request_id: str
-    text: str
-    finish_reason: str  # "length", "stop" or "eos"
-    prompt_tokens: int
-    completion_tokens: int
-    queue_seconds: float
-    time_to_first_token_seconds: float
-    generation_seconds: float
-    total_seconds: float
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.completion_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
-
-
-_Event = TextChunk | GenerationResult | EngineError
-
-
-@dataclass(eq=False)
-class _Sequence:
-    """One request's state inside the engine."""
-
-    request_id: str
-    route: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    deliver: Callable[[_Event], None]
-    submitted_at: float
-    deadline: float
-    cancelled: bool = False  # the caller left (Stop, disconnect, done reading); set from any thread
-    done: bool = False  # a result or an error was delivered
-    sampler: RowSampler | None = None
-    decoder: IncrementalDecoder | None = None
-    stops: StopStringFilter | None = None
-    generated: int = 0
-    started_at: float = 0.0
-    first_token_at: float = 0.0
-
-    @property
-    def budget(self) -> int:
-        return len(self.prompt_ids) + self.params.max_new_tokens
 
 
 @dataclass
@@ -128,142 +60,11 @@ class EngineStats:
     batch_sizes_seen: collections.Counter[int] = field(default_factory=collections.Counter)
 
 
-class RequestHandleBase(abc.ABC):
-    """A submitted request, wherever it runs: `events()` yields its text as it comes, then its result."""
-
-    request_id: str
-
-    @abc.abstractmethod
-    def events(self) -> AsyncIterator[TextChunk | GenerationResult]: ...
-
-    @abc.abstractmethod
-    def cancel(self) -> None: ...
-
-    async def result(self) -> GenerationResult:
-        async for event in self.events():
-            if isinstance(event, GenerationResult):
-                return event
-        raise GenerationError("The generation ended without a result.")  # pragma: no cover - events always end so
-
-
-class EngineFrontEnd(abc.ABC):
-    """What api/ and ui/ call, whether the model runs in this process (`Engine`) or in Ray Serve replicas
-    (`serving.remote_engine.RemoteEngine`): readiness, the refusals decided before anything is queued, tokenizing,
-    `stream`/`generate` over `submit`, and the observers told of every request's end."""
-
-    settings: Settings
-    state: EngineState
-    failure: str | None
-    formatter: PromptFormatter | None
-    # Told of the end of every accepted request: (route, status, result or None).
-    observers: list[Callable[[str, str, GenerationResult | None], None]]
-
-    @abc.abstractmethod
-    def start(self) -> None:
-        """Blocking: load (or reach) the model; called once, from a start-up thread."""
-
-    @abc.abstractmethod
-    def drain(self) -> None:
-        """Refuse new requests from now on; those already accepted keep running."""
-
-    @abc.abstractmethod
-    def shutdown(self, timeout_s: float = 5.0) -> None: ...
-
-    @abc.abstractmethod
-    def info(self) -> ModelInfo: ...
-
-    @abc.abstractmethod
-    def snapshot(self) -> dict[str, int]:
-        """Live figures: requests running and waiting, and the current batch size."""
-
-    @property
-    @abc.abstractmethod
-    def context_length(self) -> int: ...
-
-    @abc.abstractmethod
-    def submit(
-        self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
-    ) -> RequestHandleBase: ...
-
-    @property
-    def ready(self) -> bool:
-        return self.state is EngineState.READY
-
-    def _serving_formatter(self) -> PromptFormatter:
-        """The prompt formatter, while the engine serves (or drains: info and tokenizing still work then)."""
-        usable = self.state in (EngineState.READY, EngineState.DRAINING)
-        if not usable or self.formatter is None:
-            reason = self.failure or f"the model is {self.state.value}"
-            raise NotReadyError(f"The model is not ready: {reason}.")
-        return self.formatter
-
-    @functools.cached_property
-    def tokenizing_gate(self) -> TokenizingGate:
-        """Bounds how many long prompts are tokenized at once (one gate per front end)."""
-        return TokenizingGate(self.settings.max_concurrent_tokenizing)
-
-    def prepare_completion(self, prompt: str, param: str = "prompt") -> PreparedPrompt:
-        """Token ids of a plain prompt; refuses bad text, a prompt surely over MAX_INPUT_TOKENS (from its length,
-        before tokenizing) and, past MAX_CONCURRENT_TOKENIZING long prompts at once, sheds load (429). Blocking."""
-        formatter = self._serving_formatter()
-        return formatter.prepare_completion(prompt, self.settings.max_input_tokens, param, self.tokenizing_gate)
-
-    def prepare_chat(self, messages: list[ChatMessage]) -> PreparedPrompt:
-        """Token ids of a conversation, with the same refusals as `prepare_completion`. Blocking."""
-        formatter = self._serving_formatter()
-        return formatter.prepare_chat(messages, self.settings.max_input_tokens, self.tokenizing_gate)
-
-    async def tokenize_completion(self, prompt: str, param: str = "prompt") -> PreparedPrompt:
-        """`prepare_completion` for an event loop: what is refused from its length alone is refused right here,
-        the tokenizing itself runs in a worker thread."""
-        formatter = self._serving_formatter()
-        check_text(prompt, param)
-        formatter.refuse_if_surely_too_long(prompt, self.settings.max_input_tokens, param)
-        return await asyncio.to_thread(self.prepare_completion, prompt, param)
-
-    async def tokenize_chat(self, messages: list[ChatMessage]) -> PreparedPrompt:
-        """`prepare_chat` for an event loop (rendering the template and tokenizing run in a worker thread)."""
-        self._serving_formatter()
-        check_messages(messages)
-        return await asyncio.to_thread(self.prepare_chat, messages)
-
-    def token_pieces(self, token_ids: list[int]) -> list[str]:
-        return self._serving_formatter().token_pieces(token_ids)
-
-    def _refuse_early(self, prompt: PreparedPrompt, params: SamplingParams) -> None:
-        """Raise, before anything is queued, for a request that can't be served: not ready, draining, too long."""
-        self._serving_formatter()
-        if self.state is EngineState.DRAINING:
-            raise NotReadyError("The server is shutting down and takes no new requests.")
-        check_lengths(self.settings, self.context_length, len(prompt.token_ids), params)
-
-    async def stream(
-        self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
-    ) -> AsyncIterator[TextChunk | GenerationResult]:
-        """Yield text chunks as they are decoded, then the final result. Leaving the loop early cancels the request."""
-        async for event in self.submit(prompt, params, request_id=request_id, route=route).events():
-            yield event
-
-    async def generate(
-        self, prompt: PreparedPrompt, params: SamplingParams, *, request_id: str | None = None, route: str = "-"
-    ) -> GenerationResult:
-        """Run one request to the end and return its result."""
-        return await self.submit(prompt, params, request_id=request_id, route=route).result()
-
-    def report_end(self, route: str, status: str, result: GenerationResult | None) -> None:
-        """Tell the observers (metrics) how a request ended."""
-        for observer in self.observers:
-            try:
-                observer(route, status, result)
-            except Exception:  # an observer's bug must not take the caller (the scheduler) down
-                logger.exception("Request observer failed")
-
-
 class RequestHandle(RequestHandleBase):
     """One submitted request: iterate `events()` for its text as it comes, or await `result()`; `cancel()` stops it.
     Abandoning `events()` early (a closed stream, a cancelled task) cancels the request too."""
 
-    def __init__(self, engine: Engine, sequence: _Sequence, events: asyncio.Queue[_Event]) -> None:
+    def __init__(self, engine: Engine, sequence: Sequence, events: asyncio.Queue[Event]) -> None:
         self._engine = engine
         self._sequence = sequence
         self._events = events
@@ -289,7 +90,7 @@ class RequestHandle(RequestHandleBase):
             self.cancel()
 
 
-class Engine(EngineFrontEnd):
+class Engine(EngineClient):
     """Load once with `start()`; then `stream()`/`generate()` from any asyncio loop, from many tasks at once."""
 
     def __init__(self, settings: Settings, loader: Callable[[Settings], LoadedModel] = load_model) -> None:
@@ -301,15 +102,14 @@ class Engine(EngineFrontEnd):
         self.formatter: PromptFormatter | None = None
         self.stats = EngineStats()
         self.observers = []  # called from the scheduler thread
-        self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._running: list[_Sequence] = []
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running: list[Sequence] = []
         self._batch = batching.RunningBatch(settings.max_batch_size)
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._eos_ids: set[int] = set()
         self._seeds = random.Random()
-        self._ids = itertools.count(1)
 
     # ----- life cycle -------------------------------------------------------------------------------------------
 
@@ -395,9 +195,9 @@ class Engine(EngineFrontEnd):
         """Queue a request (call it from an asyncio loop). Refusals (not ready, too long, queue full) raise here, at
         once, before any response is started; what happens later arrives through the handle."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[_Event] = asyncio.Queue()
+        events: asyncio.Queue[Event] = asyncio.Queue()
 
-        def deliver(event: _Event) -> None:
+        def deliver(event: Event) -> None:
             # RuntimeError: the caller's loop is gone, so nobody is listening.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(events.put_nowait, event)
@@ -405,7 +205,7 @@ class Engine(EngineFrontEnd):
         sequence = self._submit(prompt, params, deliver, request_id=request_id, route=route)
         return RequestHandle(self, sequence, events)
 
-    def _cancel(self, sequence: _Sequence) -> None:
+    def _cancel(self, sequence: Sequence) -> None:
         if not sequence.done:
             sequence.cancelled = True
             self._notify()
@@ -452,16 +252,16 @@ class Engine(EngineFrontEnd):
         self,
         prompt: PreparedPrompt,
         params: SamplingParams,
-        deliver: Callable[[_Event], None],
+        deliver: Callable[[Event], None],
         *,
         request_id: str | None,
         route: str,
-    ) -> _Sequence:
+    ) -> Sequence:
         self._refuse_early(prompt, params)
         if prompt.extra_stops:
             params = _with_stops(params, prompt.extra_stops)
         now = time.monotonic()
-        sequence = _Sequence(
+        sequence = Sequence(
             request_id=request_id or uuid.uuid4().hex[:12],
             route=route,
             prompt_ids=prompt.token_ids,
@@ -489,7 +289,7 @@ class Engine(EngineFrontEnd):
 
     def _run(self, loaded: threading.Event, failure: list[BaseException]) -> None:
         # All torch work happens on this one thread, loading included: a second thread running torch ops gets an
-        # OpenMP team of its own, and two teams on 2 cores slowed batch-1 decoding from ~29 to ~17 tokens/s here.
+        # OpenMP team of its own, and two teams fight over the same cores and slow decoding (see docs/benchmarks.md).
         try:
             self._load()
         except Exception as exc:
@@ -510,62 +310,92 @@ class Engine(EngineFrontEnd):
                 self._running, self._batch = [], batching.RunningBatch(self.settings.max_batch_size)
 
     def _step(self) -> None:
-        """One scheduler turn: drop cancelled and expired requests, admit newcomers, decode one token for every row."""
-        self._drop_cancelled_and_expired()
-        self._retire_finished()
+        """One scheduler turn: the whole life of a token, one stage per line (as TGI's `generate_token` reads)."""
+        # expire: requests whose caller left or whose REQUEST_TIMEOUT_S passed end, whether they wait or run
+        self._expire()
+        # retire: rows whose request ended leave the batch, so they take no place in it and are not decoded
+        self._retire()
+        # wait for work: sleep while nothing waits or runs; an idle engine gives a newcomer's companions a moment
+        self._wait_for_work()
+        # admit: from the front of the queue, the requests the batch's row and token budgets have room for
         newcomers = self._admit()
-        if newcomers:
-            self._prefill(newcomers)
-        if self._running:
-            self._decode()
+        # prefill: newcomers' prompts through the model; each samples and accepts its first token, then joins
+        self._prefill(newcomers)
+        # retire: rows that ended with their first token leave before the decode
+        self._retire()
+        if not self._running:
+            return
+        # decode: one forward pass, one new position for every running row
+        logits = self._decode()
+        # sample: each row's next token, by its own parameters; the batch feeds it in at the next decode
+        tokens = self._sample(self._running, logits)
+        self._batch.next_tokens = _as_column(tokens, logits.device)
+        # accept: each request takes its token: text out to its caller, and whether and why it finished
+        self._accept(self._running, tokens)
+        # retire: rows whose request finished or failed leave the batch
+        self._retire()
 
-    def _admit(self) -> list[_Sequence]:
+    def _expire(self) -> None:
+        """End every request whose caller left (Stop, disconnect) or whose REQUEST_TIMEOUT_S passed, waiting or
+        running; running rows leave the batch at the next retire."""
+        now = time.monotonic()
+        with self._wakeup:
+            leaving_queue = [sequence for sequence in self._waiting if sequence.cancelled or now > sequence.deadline]
+            for sequence in leaving_queue:
+                self._waiting.remove(sequence)
+        leaving_batch = [
+            sequence
+            for sequence in self._running
+            if not sequence.done and (sequence.cancelled or now > sequence.deadline)
+        ]
+        for sequence in [*leaving_queue, *leaving_batch]:
+            if sequence.cancelled:
+                self._end_cancelled(sequence)
+            else:
+                self._fail(sequence, RequestTimeoutError(self.settings.request_timeout_s))
+
+    def _wait_for_work(self) -> None:
+        """Sleep while nothing waits or runs (a submit, a cancel or a shutdown wakes it, or 0.1 s passes). An idle
+        engine that has a request waits up to BATCH_WAIT_MS for companions, so they share its first prefill."""
         with self._wakeup:
             if not self._running and not self._waiting:
                 self._wakeup.wait(timeout=0.1)
             if not self._running and self._waiting and self.settings.batch_wait_ms > 0:
-                # idle engine: give companions a moment to arrive, so they share the first prefill
                 deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
                 while len(self._waiting) < self.settings.max_batch_size and time.monotonic() < deadline:
                     self._wakeup.wait(timeout=max(0.0, deadline - time.monotonic()))
-            admitted: list[_Sequence] = []
-            prefill_tokens = 0
-            rows = len(self._running)
-            # rows are right-aligned in one cache, so it holds rows x (the longest row) slots: budget that, not the sum
-            widest = max((sequence.budget for sequence in self._running), default=0)
-            while self._waiting and rows < self.settings.max_batch_size:
-                candidate = self._waiting[0]
-                if (rows + 1) * max(widest, candidate.budget) > self.settings.max_batch_tokens:
-                    break  # first come, first served: later requests don't jump the queue
-                if admitted and prefill_tokens + len(candidate.prompt_ids) > self.settings.max_prefill_tokens:
-                    break  # the rest join at a later step: one huge prefill would stall the running rows for long
-                admitted.append(self._waiting.popleft())
-                rows, widest = rows + 1, max(widest, candidate.budget)
-                prefill_tokens += len(candidate.prompt_ids)
-            return admitted
 
-    def _prefill(self, newcomers: list[_Sequence]) -> None:
+    def _admit(self) -> list[Sequence]:
+        """Take from the queue the requests that join the batch now (`admission_count` says how many)."""
+        with self._wakeup:
+            count = admission_count(self._waiting, self._running, self.settings)
+            return [self._waiting.popleft() for _ in range(count)]
+
+    def _prefill(self, newcomers: list[Sequence]) -> None:
         """Prefill newcomers in groups of one prompt length (no padding, so no row's numbers depend on another's)."""
-        groups: dict[int, list[_Sequence]] = {}
+        if not newcomers:
+            return
+        groups: dict[int, list[Sequence]] = {}
         for sequence in newcomers:
             groups.setdefault(len(sequence.prompt_ids), []).append(sequence)
         for group in groups.values():
             self._prefill_group(group)
         # a prefill's activations leave the heaps fragmented; handing their free pages back keeps peak RSS near what
-        # the weights and the KV cache need (-0.18 GB at 32 clients, measured: inference/memory.py)
+        # the weights and the KV cache need (why: inference/memory.py; figures: docs/benchmarks.md)
         release_free_heap_pages()
 
-    def _prefill_group(self, newcomers: list[_Sequence]) -> None:
+    def _prefill_group(self, newcomers: list[Sequence]) -> None:
+        """One forward pass over same-length prompts; their first tokens go through sample and accept as a decode's
+        do, and the rows join the running batch. A fault fails this group alone."""
         assert self.loaded is not None
         started = time.monotonic()
         for sequence in newcomers:
-            sequence.started_at = started
-            sequence.sampler = RowSampler.create(sequence.params, sequence.prompt_ids, self._seeds.getrandbits(63))
-            sequence.decoder = IncrementalDecoder(self.loaded.tokenizer, sequence.prompt_ids)
-            sequence.stops = StopStringFilter(sequence.params.stop)
+            sequence.start(self.loaded.tokenizer, self._eos_ids, self._seeds.getrandbits(63), started)
         try:
             prefilled, logits = batching.prefill(self.loaded.decoder, [s.prompt_ids for s in newcomers])
-            self._batch.add(prefilled, self._sample(newcomers, logits))
+            tokens = self._sample(newcomers, logits)
+            self._accept(newcomers, tokens)
+            self._batch.add(prefilled, _as_column(tokens, logits.device))
         except Exception:
             # newcomers are in neither the queue nor the running batch yet: fail them here, or they wait forever
             logger.exception("Prefill failed")
@@ -574,22 +404,23 @@ class Engine(EngineFrontEnd):
             return
         self.stats.prefills += 1
         self._running.extend(newcomers)
-        self._retire_finished()
 
-    def _decode(self) -> None:
+    def _decode(self) -> torch.Tensor:
+        """The forward pass over every running row's newest token; returns the logits of the token after it."""
         assert self.loaded is not None
         self.stats.decode_steps += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._running))
         self.stats.batch_sizes_seen[len(self._running)] += 1
-        logits = self._batch.step(self.loaded.decoder)
-        self._batch.next_tokens = self._sample(self._running, logits)
-        self._retire_finished()
+        return self._batch.step(self.loaded.decoder)
 
-    def _sample(self, sequences: list[_Sequence], logits: torch.Tensor) -> torch.Tensor:
-        """Pick each row's next token and pass its text on; rows whose bookkeeping fails are failed alone."""
+    def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Each row's next token, by its own parameters and random stream."""
         samplers = [sequence.sampler for sequence in sequences]
         assert all(sampler is not None for sampler in samplers)
-        tokens = sample_next_tokens(logits, samplers)  # type: ignore[arg-type]
+        return sample_next_tokens(logits, samplers)  # type: ignore[arg-type]
+
+    def _accept(self, sequences: list[Sequence], tokens: list[int]) -> None:
+        """Hand each request its token; a request whose bookkeeping fails is failed alone, the batch goes on."""
         now = time.monotonic()
         for sequence, token in zip(sequences, tokens, strict=True):
             try:
@@ -597,37 +428,19 @@ class Engine(EngineFrontEnd):
             except Exception:
                 logger.exception("Request %s failed while decoding", sequence.request_id)
                 self._fail(sequence, GenerationError("Generation failed while decoding this request."))
-        return torch.tensor(tokens, dtype=torch.long, device=logits.device).unsqueeze(1)
 
-    def _accept_token(self, sequence: _Sequence, token: int, now: float) -> None:
-        assert sequence.sampler is not None
-        assert sequence.decoder is not None
-        assert sequence.stops is not None
+    def _accept_token(self, sequence: Sequence, token: int, now: float) -> None:
+        """Hand one sampled token to its request: pass on the text it makes visible, end the request if it is done."""
         if sequence.generated == 0:
             sequence.first_token_at = now
-        sequence.generated += 1
-        if token in self._eos_ids:
-            self._finish(sequence, "eos")
-            return
-        sequence.sampler.record(token)
-        visible = sequence.stops.push(sequence.decoder.push(token))
+        visible, finish_reason = sequence.accept(token)
         if visible:
             sequence.deliver(TextChunk(visible, sequence.generated))
-        if sequence.stops.stopped:
-            self._finish(sequence, "stop")
-        elif sequence.generated >= sequence.params.max_new_tokens:
-            self._finish(sequence, "length")
+        if finish_reason is not None:
+            self._finish(sequence, finish_reason)
 
-    def _retire_finished(self) -> None:
-        """Take rows that finished, failed, were cancelled or timed out out of the running batch."""
-        now = time.monotonic()
-        for sequence in self._running:
-            if sequence.done:
-                continue
-            if sequence.cancelled:
-                self._end_cancelled(sequence)
-            elif now > sequence.deadline:
-                self._fail(sequence, RequestTimeoutError(self.settings.request_timeout_s))
+    def _retire(self) -> None:
+        """Take the rows whose request ended (finished, failed, cancelled, timed out) out of the running batch."""
         leaving = [index for index, sequence in enumerate(self._running) if sequence.done]
         if not leaving:
             return
@@ -636,28 +449,16 @@ class Engine(EngineFrontEnd):
             return
         self._running = [self._running[index] for index in self._batch.remove(leaving)]
 
-    def _drop_cancelled_and_expired(self) -> None:
-        now = time.monotonic()
-        with self._wakeup:
-            for sequence in list(self._waiting):
-                if sequence.cancelled:
-                    self._waiting.remove(sequence)
-                    self._end_cancelled(sequence)
-                elif now > sequence.deadline:
-                    self._waiting.remove(sequence)
-                    self._fail(sequence, RequestTimeoutError(self.settings.request_timeout_s))
-
     # ----- endings ----------------------------------------------------------------------------------------------
 
-    def _finish(self, sequence: _Sequence, reason: str) -> None:
-        assert sequence.stops is not None
-        tail = sequence.stops.flush()
+    def _finish(self, sequence: Sequence, reason: str) -> None:
+        tail = sequence.flush()
         if tail:
             sequence.deliver(TextChunk(tail, sequence.generated))
         now = time.monotonic()
         result = GenerationResult(
             request_id=sequence.request_id,
-            text=sequence.stops.text,
+            text=sequence.text,
             finish_reason=reason,
             prompt_tokens=len(sequence.prompt_ids),
             completion_tokens=sequence.generated,
@@ -671,12 +472,12 @@ class Engine(EngineFrontEnd):
         sequence.deliver(result)
         self._log(sequence, reason, result)
 
-    def _end_cancelled(self, sequence: _Sequence) -> None:
+    def _end_cancelled(self, sequence: Sequence) -> None:
         sequence.done = True
         self.stats.requests_cancelled += 1
         self._log(sequence, "cancelled")
 
-    def _fail(self, sequence: _Sequence, error: EngineError) -> None:
+    def _fail(self, sequence: Sequence, error: EngineError) -> None:
         if sequence.done:
             return
         sequence.done = True
@@ -685,7 +486,7 @@ class Engine(EngineFrontEnd):
         sequence.deliver(error)
         self._log(sequence, f"error:{error.type}")
 
-    def _log(self, sequence: _Sequence, status: str, result: GenerationResult | None = None) -> None:
+    def _log(self, sequence: Sequence, status: str, result: GenerationResult | None = None) -> None:
         """Each request's one log line, and its end told to the observers (metrics)."""
         self.report_end(sequence.route, status, result)
         if result is None:
@@ -712,26 +513,28 @@ class Engine(EngineFrontEnd):
         )
 
 
-def check_lengths(settings: Settings, context_length: int, prompt_tokens: int, params: SamplingParams) -> None:
-    """Refuse, before queueing, a prompt that is empty or too long, or that can't fit with its max_new_tokens."""
-    if prompt_tokens == 0:
-        raise InvalidRequestError("`prompt` cannot be empty", param="prompt")
-    if prompt_tokens > settings.max_input_tokens:
-        raise PromptTooLongError(prompt_tokens, settings.max_input_tokens)
-    total = prompt_tokens + params.max_new_tokens
-    if total > context_length:
-        raise InvalidRequestError(
-            f"The prompt ({prompt_tokens} tokens) plus max_new_tokens ({params.max_new_tokens}) is {total} tokens, "
-            f"more than the model's context length of {context_length}. Lower max_new_tokens or shorten "
-            "the prompt.",
-            param="max_new_tokens",
-        )
-    if total > settings.max_batch_tokens:
-        raise InvalidRequestError(
-            f"The prompt ({prompt_tokens} tokens) plus max_new_tokens ({params.max_new_tokens}) is {total} tokens, "
-            f"more than this server's batch token budget of {settings.max_batch_tokens} (MAX_BATCH_TOKENS).",
-            param="max_new_tokens",
-        )
+def admission_count(waiting: Iterable[Sequence], running: list[Sequence], settings: Settings) -> int:
+    """How many requests from the front of the queue join the running batch now: as many as fit MAX_BATCH_SIZE rows
+    and MAX_BATCH_TOKENS cache slots, with at most MAX_PREFILL_TOKENS of prompt (past the first newcomer's)."""
+    count = prefill_tokens = 0
+    rows = len(running)
+    # rows are right-aligned in one cache, so it holds rows x (the longest row) slots: budget that, not the sum
+    widest = max((sequence.budget for sequence in running), default=0)
+    for candidate in waiting:
+        if rows >= settings.max_batch_size:
+            break
+        if (rows + 1) * max(widest, candidate.budget) > settings.max_batch_tokens:
+            break  # first come, first served: later requests don't jump the queue
+        if count and prefill_tokens + len(candidate.prompt_ids) > settings.max_prefill_tokens:
+            break  # the rest join at a later step: one huge prefill would stall the running rows for long
+        count, rows, widest = count + 1, rows + 1, max(widest, candidate.budget)
+        prefill_tokens += len(candidate.prompt_ids)
+    return count
+
+
+def _as_column(tokens: list[int], device: torch.device) -> torch.Tensor:
+    """Sampled tokens as the [rows, 1] tensor the batch feeds to its next forward pass."""
+    return torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(1)
 
 
 def _with_stops(params: SamplingParams, extra: tuple[str, ...]) -> SamplingParams:

@@ -26,7 +26,8 @@ from ray.serve import Application
 from ray.serve._private.http_util import ASGIAppReplicaWrapper
 from ray.serve.handle import DeploymentHandle
 
-from inference.engine import Engine, EngineState, GenerationResult, TextChunk
+from inference.client import EngineState, GenerationResult, TextChunk
+from inference.engine import Engine
 from inference.errors import EngineError
 from inference.params import SamplingParams
 from inference.prompts import PreparedPrompt
@@ -112,7 +113,7 @@ class EngineDeployment:
     def check_health(self) -> None:
         """Serve restarts a replica whose engine failed or whose scheduler thread died."""
         scheduler = self.engine._thread
-        if self.engine.state is not EngineState.READY or scheduler is None or not scheduler.is_alive():
+        if not self.engine.ready or scheduler is None or not scheduler.is_alive():
             raise RuntimeError(f"engine is {self.engine.state.value}: {self.engine.failure or 'scheduler stopped'}")
 
     def __del__(self) -> None:

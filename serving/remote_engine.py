@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from inference.engine import EngineFrontEnd, EngineState, GenerationResult, RequestHandleBase, TextChunk
+from inference.client import EngineClient, EngineState, GenerationResult, RequestHandleBase, TextChunk
 from inference.errors import EngineError, GenerationError, NotReadyError
 from inference.params import SamplingParams
 from inference.prompts import PreparedPrompt, PromptFormatter
@@ -58,10 +58,6 @@ class RemoteRequestHandle(RequestHandleBase):
         self.request_id = request_id
         self._ended = False
         self._response: Any = self._start()
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self._prompt.token_ids)
 
     def _start(self) -> Any:
         method = self._engine.engine_handle.options(stream=True).stream
@@ -120,8 +116,8 @@ class RemoteRequestHandle(RequestHandleBase):
             self.cancel()
 
 
-class RemoteEngine(EngineFrontEnd):
-    """`inference.engine.Engine`'s interface for create_app, the routes and the playground."""
+class RemoteEngine(EngineClient):
+    """The `EngineClient` that create_app, the routes and the playground use, over Ray Serve engine replicas."""
 
     def __init__(self, settings: Settings, engine_handle: Any, board_handle: Any) -> None:
         self.settings = settings
@@ -191,10 +187,6 @@ class RemoteEngine(EngineFrontEnd):
         if self._poller is not None:
             self._poller.join(timeout_s)
         self.state = EngineState.STOPPED
-
-    @property
-    def idle(self) -> bool:
-        return all(entry["snapshot"]["running"] + entry["snapshot"]["waiting"] == 0 for entry in self.replicas)
 
     # ----- what callers use ---------------------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ from transformers import (
 
 from inference import engine as engine_module
 from inference import prompts
-from inference.engine import Engine, EngineState, GenerationResult, PreparedPrompt, TextChunk
+from inference.client import EngineState, GenerationResult, TextChunk
+from inference.engine import Engine, admission_count
 from inference.errors import (
     GenerationError,
     InvalidRequestError,
@@ -33,7 +34,9 @@ from inference.errors import (
     RequestTimeoutError,
 )
 from inference.params import SamplingParams, build_sampling_params
-from inference.prompts import ChatMessage, transcript
+from inference.prompts import ChatMessage, PreparedPrompt, transcript
+from inference.sequence import Sequence
+from inference.settings import Settings
 
 T = TypeVar("T")
 EngineFactory = Callable[..., Engine]
@@ -844,3 +847,41 @@ def test_prefill_token_cap_spreads_a_crowd_over_several_prefills(
     assert engine.stats.prefills >= 4
     assert engine.stats.largest_batch >= 2  # yet they still decode together
     assert [r.text for r in results] == [run(gpt2_engine.generate(p, params)).text for p in prepared]
+
+
+# ----- the admission policy, as a plain function ----------------------------------------------------------------------
+
+
+def queued(prompt_tokens: int, max_new_tokens: int) -> Sequence:
+    return Sequence(
+        "r", "-", [1] * prompt_tokens, SamplingParams(max_new_tokens=max_new_tokens), lambda event: None, 0.0, 1.0
+    )
+
+
+def test_admission_fills_free_rows_in_queue_order(tiny_gpt2_dir: Path, make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(tiny_gpt2_dir, max_batch_size=4, max_batch_tokens=10_000, max_prefill_tokens=1024)
+    waiting = [queued(10, 10) for _ in range(6)]
+    assert admission_count(waiting, [], settings) == 4
+    assert admission_count(waiting, [queued(10, 10)] * 3, settings) == 1
+    assert admission_count(waiting, [queued(10, 10)] * 4, settings) == 0
+    assert admission_count([], [], settings) == 0
+
+
+def test_admission_budgets_rows_times_the_widest_row(
+    tiny_gpt2_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(tiny_gpt2_dir, max_batch_size=8, max_batch_tokens=200, max_prefill_tokens=1024)
+    # each needs 50 slots: four rows of 50 fit 200, a fifth does not
+    assert admission_count([queued(10, 40)] * 6, [], settings) == 4
+    # one wide running row (100) makes every row count as 100: only one more fits
+    assert admission_count([queued(10, 40)] * 6, [queued(60, 40)], settings) == 1
+    # a wide newcomer at the front that does not fit holds back the narrow ones behind it (first come, first served)
+    assert admission_count([queued(60, 40), queued(5, 5)], [queued(10, 40)] * 2, settings) == 0
+
+
+def test_admission_caps_prompt_tokens_per_prefill_but_always_takes_one(
+    tiny_gpt2_dir: Path, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(tiny_gpt2_dir, max_batch_size=8, max_batch_tokens=100_000, max_prefill_tokens=30)
+    assert admission_count([queued(10, 5)] * 5, [], settings) == 3
+    assert admission_count([queued(40, 5)] * 3, [], settings) == 1  # over the cap alone, yet it must run some time

@@ -12,7 +12,8 @@ import httpx
 import openai
 import pytest
 
-from inference.engine import Engine, _Sequence
+from inference.engine import Engine
+from inference.sequence import Sequence
 from tests.live_server import LiveServer, serve
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Tell me a story."}]
@@ -458,11 +459,11 @@ def endings(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> list[tuple[s
     ended: list[tuple[str, str]] = []
     end_cancelled, finish = engine._end_cancelled, engine._finish
 
-    def on_cancel(sequence: _Sequence) -> None:
+    def on_cancel(sequence: Sequence) -> None:
         ended.append((sequence.request_id, "cancelled"))
         end_cancelled(sequence)
 
-    def on_finish(sequence: _Sequence, reason: str) -> None:
+    def on_finish(sequence: Sequence, reason: str) -> None:
         ended.append((sequence.request_id, reason))
         finish(sequence, reason)
 

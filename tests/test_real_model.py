@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from inference.engine import Engine, GenerationResult, TextChunk
+from inference.client import GenerationResult, TextChunk
+from inference.engine import Engine
 from inference.loader import bundled_package_available
 from inference.params import SamplingParams, build_sampling_params
 from inference.quantization import fbgemm_available

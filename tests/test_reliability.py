@@ -24,7 +24,8 @@ import httpx
 import psutil
 import pytest
 
-from inference.engine import Engine, _Sequence
+from inference.engine import Engine
+from inference.sequence import Sequence
 from tests.fuzzing import run_fuzz
 from tests.live_server import LiveServer, app_process, free_port, serve
 
@@ -116,7 +117,7 @@ def test_a_fault_in_one_request_fails_only_that_request(
     original = Engine._accept_token
     injected = threading.Event()
 
-    def faulty(self: Engine, sequence: _Sequence, token: int, now: float) -> None:
+    def faulty(self: Engine, sequence: Sequence, token: int, now: float) -> None:
         if sequence.request_id == "victim" and sequence.generated >= 3:
             injected.set()
             raise RuntimeError("injected fault")

@@ -16,9 +16,11 @@ import httpx
 import pytest
 from gradio_client import Client
 
+from inference.client import GenerationResult, TextChunk
 from inference.detokenize import IncrementalDecoder, StopStringFilter
-from inference.engine import Engine, GenerationResult, TextChunk, _Sequence
+from inference.engine import Engine
 from inference.params import SamplingParams
+from inference.sequence import Sequence
 from tests.live_server import LiveServer, serve
 
 GREEDY = {"temperature": 0}
@@ -285,7 +287,7 @@ def record_tokens(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     accept = engine._accept_token
     eos = engine._eos_ids
 
-    def recording(sequence: _Sequence, token: int, now: float) -> None:
+    def recording(sequence: Sequence, token: int, now: float) -> None:
         _, generated = seen.setdefault(sequence.request_id, (list(sequence.prompt_ids), []))
         if token not in eos:
             generated.append(token)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from inference.engine import EngineFrontEnd
+from inference.client import EngineClient
 from inference.settings import Settings
 from ui.events import wire
 from ui.gradio_fixes import Blocks, unbatch_validators
@@ -20,7 +20,7 @@ GRADIO_CACHE_SWEEP_S = 3600
 GRADIO_SESSIONS_KEPT = 200
 
 
-def build_ui(engine: EngineFrontEnd, settings: Settings, handlers: Handlers | None = None) -> gr.Blocks:
+def build_ui(engine: EngineClient, settings: Settings, handlers: Handlers | None = None) -> gr.Blocks:
     handlers = handlers or Handlers(engine, settings)
     unbatch_validators()
     # Gradio deletes the files it made for this app once they are an hour old, and all of them at shutdown.
@@ -38,9 +38,9 @@ def build_ui(engine: EngineFrontEnd, settings: Settings, handlers: Handlers | No
     # direct /gradio_api/run/<name> route would skip both, past the queue's size and concurrency limits. The
     # playground's quick events (queue=False) still go that way.
     demo.queue(max_size=settings.max_queue_size, default_concurrency_limit=settings.max_batch_size, api_open=False)
-    # Gradio keeps a copy of the page's config for every session (~80 KB here, measured), the least recently used
-    # dropped past this many, and each API call without a session hash is a session of its own: with Gradio's
-    # default of 10,000, API traffic alone grew the process by ~0.8 GB before anything was freed. More sessions than
+    # Gradio keeps a copy of the page's config for every session, the least recently used dropped past this many,
+    # and each API call without a session hash is a session of its own: with Gradio's default of 10,000, API traffic
+    # alone grew the process a lot before anything was freed (figures: README, "Memory"). More sessions than
     # this can't be active at once anyway (the engine holds MAX_BATCH_SIZE + MAX_QUEUE_SIZE requests); a tab whose
     # session was dropped gets a fresh one at its next event and loses nothing (no gr.State here: the conversation
     # lives in the page).

@@ -15,7 +15,7 @@ from typing import Any
 
 import gradio as gr
 
-from inference.engine import EngineFrontEnd, GenerationResult, TextChunk, check_lengths
+from inference.client import EngineFrontEnd, GenerationResult, TextChunk, check_lengths
 from inference.errors import EngineError, GenerationError, InvalidRequestError
 from inference.params import SamplingParams, build_sampling_params
 from inference.prompts import ChatMessage, PreparedPrompt

@@ -1,0 +1,91 @@
+"""One request inside the engine, and the bookkeeping of each token it is given.
+
+`Sequence.accept(token)` is all that happens to a sampled token on the request's side: the sampler records it (for the
+penalties), it is decoded to text, a possible stop string is held back, and the request says whether it finished and
+why. Delivering the text, logging and counting stay in the engine, which owns the sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Literal
+
+from transformers import PreTrainedTokenizerBase
+
+from inference.client import GenerationResult, TextChunk
+from inference.detokenize import IncrementalDecoder, StopStringFilter
+from inference.errors import EngineError
+from inference.params import SamplingParams
+from inference.sampling import RowSampler
+
+# Why a request finished (GenerationResult.finish_reason): an end-of-sequence token, a stop string, max_new_tokens.
+FinishReason = Literal["eos", "stop", "length"]
+# What a request's caller is sent: its text as it comes, then its result or an error.
+Event = TextChunk | GenerationResult | EngineError
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's state inside the engine: what it asked for, where its events go, and how far it has got.
+
+    Created when the request is queued; `start` readies it for decoding when it is prefilled (on the scheduler
+    thread, since the sampler holds torch tensors); then `accept` takes each token sampled for it.
+    """
+
+    request_id: str
+    route: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    deliver: Callable[[Event], None]
+    submitted_at: float
+    deadline: float
+    cancelled: bool = False  # the caller left (Stop, disconnect, done reading); set from any thread
+    done: bool = False  # a result or an error was delivered
+    sampler: RowSampler | None = None
+    decoder: IncrementalDecoder | None = None
+    stops: StopStringFilter | None = None
+    eos_ids: Collection[int] = ()
+    generated: int = 0
+    started_at: float = 0.0
+    first_token_at: float = 0.0
+
+    @property
+    def budget(self) -> int:
+        """Cache slots the request needs at most: its prompt and every token it may generate."""
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
+    def start(self, tokenizer: PreTrainedTokenizerBase, eos_ids: Collection[int], seed: int, now: float) -> None:
+        """Ready the request for decoding; `seed` is its random stream's seed unless it asked for its own."""
+        self.started_at = now
+        self.sampler = RowSampler.create(self.params, self.prompt_ids, seed)
+        self.decoder = IncrementalDecoder(tokenizer, self.prompt_ids)
+        self.stops = StopStringFilter(self.params.stop)
+        self.eos_ids = eos_ids
+
+    def accept(self, token: int) -> tuple[str, FinishReason | None]:
+        """Take the next token: return the text that is now safe to show (maybe none) and, if the request finished
+        with it, why."""
+        assert self.sampler is not None, "not started"
+        assert self.decoder is not None
+        assert self.stops is not None
+        self.generated += 1
+        if token in self.eos_ids:
+            return "", "eos"  # the end-of-sequence token is counted but neither recorded nor shown
+        self.sampler.record(token)
+        visible = self.stops.push(self.decoder.push(token))
+        if self.stops.stopped:
+            return visible, "stop"
+        if self.generated >= self.params.max_new_tokens:
+            return visible, "length"
+        return visible, None
+
+    def flush(self) -> str:
+        """The request has ended: the text held back in case it began a stop string, which it now never will."""
+        assert self.stops is not None, "not started"
+        return self.stops.flush()
+
+    @property
+    def text(self) -> str:
+        """All the text generated so far, cut before a stop string."""
+        return self.stops.text if self.stops is not None else ""
