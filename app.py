@@ -9,10 +9,11 @@ import asyncio
 import contextlib
 import logging
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import gradio as gr
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -31,13 +32,22 @@ from inference import __version__
 from inference.client import EngineClient, EngineState
 from inference.engine import Engine
 from inference.settings import Settings, get_settings
-from ui import CSS, THEME, build_ui
-from ui.handlers import Handlers
 
 logger = logging.getLogger("app")
 
 
-def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, engine: EngineClient | None = None, start_engine: bool = True
+) -> FastAPI:
+    """The whole server. With `start_engine` its start-up loads the model in the background (the caller may have
+    started it already, as `main` does)."""
+    # Gradio and the playground are imported here rather than at the top so that `main` can start loading the model
+    # first: the two take seconds each and overlap on two cores (docs/benchmarks.md, start-up).
+    import gradio as gr
+
+    from ui import CSS, THEME, build_ui
+    from ui.handlers import Handlers
+
     settings = settings or get_settings()
     engine = engine or Engine(settings)
 
@@ -45,7 +55,7 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The model loads in the background: the server answers at once, /health says 503 until it is ready.
         loading = None
-        if engine.state is EngineState.STARTING:
+        if start_engine and engine.state is EngineState.STARTING:
             loading = asyncio.get_running_loop().run_in_executor(None, _start_engine, engine)
         yield
         engine.shutdown()
@@ -95,22 +105,28 @@ def create_app(settings: Settings | None = None, engine: EngineClient | None = N
     )
 
 
-def _start_engine(engine: EngineClient) -> None:
+def _start_engine(engine: EngineClient, started: float | None = None) -> None:
     # A failure is already logged and kept by the engine; /health reports it.
     with contextlib.suppress(Exception):
         engine.start()
+        if started is not None:
+            logger.info("Model ready %.1f s after start", time.perf_counter() - started)
 
 
 def main() -> None:
+    started = time.perf_counter()
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = Engine(settings)
+    # The model loads while the web layer is imported and built; /health says 503 until it is ready.
+    loading = threading.Thread(target=_start_engine, args=(engine, started), name="model-loader", daemon=True)
+    loading.start()
     if settings.exit_on_load_failure:
-        try:
-            engine.start()
-        except Exception:
+        loading.join()
+        if engine.state is EngineState.FAILED:
             sys.exit(f"The model failed to load, so the server is not starting: {engine.failure}")
-    app = create_app(settings, engine)
+    app = create_app(settings, engine, start_engine=False)
+    logger.info("Web layer built %.1f s after start", time.perf_counter() - started)
     logger.info(
         "Serving on http://%s:%d (playground at /, API docs at /docs)", settings.server_name, settings.server_port
     )

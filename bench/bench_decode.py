@@ -3,7 +3,8 @@
     python bench/bench_decode.py            # default model; prints a JSON line per batch size and a Markdown table
 
 Compares transformers' forward in float32 (what the engine used before) with the lean Llama forward in float32,
-float16 weights and int8, each step timed in turn (interleaved, so a noisy neighbour slows all alike), medians.
+float16 weights and int8 (each as TorchScript, and the last two also eager), each step timed in turn (interleaved,
+so a noisy neighbour slows all alike), medians.
 Also measures this machine's memory bandwidth and, from the bytes each format reads per step, the weight-read bound:
 batch-1 decoding cannot be faster than reading every weight once.
 """
@@ -49,7 +50,8 @@ def _module_bytes(module: torch.nn.Module) -> int:
         weight: torch.Tensor = module.weight
         return weight.numel() * weight.element_size()
     size = module.in_features * module.out_features
-    return size * (1 if type(module).__name__ == "Int8Linear" else 2)
+    kind = getattr(module, "original_name", type(module).__name__)  # a scripted module keeps its class's name there
+    return size * (1 if kind == "Int8Linear" else 2)
 
 
 def start_batch(decoder: Decoder, rows: int) -> batching.RunningBatch:
@@ -81,7 +83,11 @@ def main() -> int:
     decoders: dict[str, Decoder] = {
         "transformers float32": TransformersDecoder(model),
         "lean float32": LlamaDecoder(model),
+        "lean float16 eager": LlamaDecoder(
+            model, _factory("float16", absmax), embedding_dtype=torch.float16, compiled=False
+        ),
         "lean float16": LlamaDecoder(model, _factory("float16", absmax), embedding_dtype=torch.float16),
+        "lean int8 eager": LlamaDecoder(model, _factory("int8", absmax), embedding_dtype=torch.float16, compiled=False),
         "lean int8": LlamaDecoder(model, _factory("int8", absmax), embedding_dtype=torch.float16),
     }
     bandwidth = memory_bandwidth_gb_s()

@@ -2,16 +2,22 @@
 
 `build_decoder` turns a loaded transformers model into a `Decoder` and decides QUANTIZATION: with `auto` on a CPU it
 tries int8, then float16 weights, and keeps the first that passes the quality check against float32 on a built-in
-text (quantization.QualityCheck), so quality is checked on the machine and model it serves.
+text (quantization.QualityCheck), so quality is checked on the machine and model it serves. The check's verdicts
+(and int8's calibration) are kept in MODEL_CACHE_DIR, keyed by the model's weights, so only the first start pays
+for them (`python -m inference.prepare` does it ahead of time).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
@@ -29,6 +35,8 @@ logger = logging.getLogger(__name__)
 WeightFormat = Literal["none", "float16", "int8"]
 # Tokens of the built-in texts used at most (calibration and the quality check each take one forward pass).
 CHECK_TOKENS = 512
+# Bump when the quality check or how a format is built changes, so verdicts cached by an older version are redone.
+CHECK_VERSION = "1"
 
 
 class Decoder(Protocol):
@@ -59,9 +67,12 @@ class TransformersDecoder:
     def prefill(self, prompts: list[list[int]]) -> tuple[DynamicCache, torch.Tensor]:
         input_ids = torch.tensor(prompts, dtype=torch.long, device=self.model.device)
         output = self.model(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), cache=DynamicCache(), use_cache=True,
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            cache=DynamicCache(),
+            use_cache=True,
             logits_to_keep=1,
-        )  # fmt: skip
+        )
         return output.cache, output.logits[:, -1, :]
 
     @torch.inference_mode()
@@ -70,9 +81,12 @@ class TransformersDecoder:
     ) -> torch.Tensor:
         device = self.model.device
         output = self.model(
-            input_ids=tokens.to(device), attention_mask=attention_mask.to(device), position_ids=positions.to(device),
-            cache=cache, use_cache=True,
-        )  # fmt: skip
+            input_ids=tokens.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=positions.to(device),
+            cache=cache,
+            use_cache=True,
+        )
         logits: torch.Tensor = output.logits[:, -1, :]
         return logits
 
@@ -145,10 +159,107 @@ def _candidates(setting: str, device: torch.device, dtype: torch.dtype) -> list[
     return [setting]  # type: ignore[list-item]
 
 
+class CheckCache:
+    """Quality verdicts and int8 calibration for one model's weights, kept in a folder across starts.
+
+    Keyed by a fingerprint of the weights (a sample of every tensor), the config, the check texts, torch's version
+    and CHECK_VERSION, so any change there measures again. Writes are atomic (rename); a cache that can't be read or
+    written only costs the measurement."""
+
+    def __init__(self, folder: Path, model: PreTrainedModel) -> None:
+        self.folder = folder
+        self.key = _fingerprint(model)
+        self.verdicts: dict[str, QualityCheck] = {}
+        try:
+            stored = json.loads(self._path(".json").read_text())
+            self.verdicts = {fmt: QualityCheck(**values) for fmt, values in stored["verdicts"].items()}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            logger.warning("Ignoring the unreadable quality-check cache %s: %s", self._path(".json"), error)
+
+    def _path(self, suffix: str) -> Path:
+        return self.folder / f"{self.key}{suffix}"
+
+    def record(self, fmt: WeightFormat, quality: QualityCheck) -> None:
+        self.verdicts[fmt] = quality
+        self._write(".json", json.dumps({"verdicts": {k: asdict(v) for k, v in self.verdicts.items()}}).encode())
+
+    def absmax(self) -> dict[str, torch.Tensor] | None:
+        try:
+            stored: dict[str, torch.Tensor] = torch.load(self._path("-absmax.pt"), weights_only=True)
+            return stored
+        except FileNotFoundError:
+            return None
+        except (OSError, RuntimeError, ValueError) as error:
+            logger.warning("Ignoring the unreadable calibration cache %s: %s", self._path("-absmax.pt"), error)
+            return None
+
+    def record_absmax(self, absmax: dict[str, torch.Tensor]) -> None:
+        temporary = self._path(f"-absmax.pt.{time.time_ns()}")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            torch.save(absmax, temporary)
+            temporary.replace(self._path("-absmax.pt"))
+        except OSError as error:
+            logger.warning("Could not cache the int8 calibration in %s: %s", self.folder, error)
+            temporary.unlink(missing_ok=True)
+
+    def _write(self, suffix: str, data: bytes) -> None:
+        temporary = self._path(f"{suffix}.{time.time_ns()}")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            temporary.write_bytes(data)
+            temporary.replace(self._path(suffix))
+        except OSError as error:
+            logger.warning("Could not cache the quality check in %s: %s", self.folder, error)
+            temporary.unlink(missing_ok=True)
+
+
+def _fingerprint(model: PreTrainedModel) -> str:
+    digest = hashlib.sha256(f"{CHECK_VERSION} torch {torch.__version__}".encode())
+    digest.update(model.config.to_json_string().encode())
+    for name in ("calibration.txt", "quality_check.txt"):
+        digest.update(builtin_text(name).encode())
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            # every 4099th value of every tensor: any retrained or re-quantized model differs somewhere in it
+            digest.update(name.encode())
+            digest.update(tensor.detach().flatten()[::4099].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+class _Measurements:
+    """What the checks need from float32, computed the first time it is asked for (a cached verdict needs none)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, plain: TransformersDecoder) -> None:
+        self.model, self.tokenizer, self.plain = model, tokenizer, plain
+        config = model.config
+        context = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024)
+        self.limit = min(CHECK_TOKENS, context)
+
+    def ids(self, name: str) -> torch.Tensor:
+        ids = self.tokenizer(builtin_text(name))["input_ids"][: self.limit]
+        return torch.tensor([ids], device=self.model.device)
+
+    @functools.cached_property
+    def check_ids(self) -> torch.Tensor:
+        return self.ids("quality_check.txt")
+
+    @functools.cached_property
+    def reference(self) -> torch.Tensor:
+        return self.plain.logits(self.check_ids)
+
+    @functools.cached_property
+    def absmax(self) -> dict[str, torch.Tensor]:
+        return input_absmax(self.model, self.ids("calibration.txt"), _linear_layers(self.model))
+
+
 def build_decoder(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, setting: str
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, setting: str, checks: Path | None = None
 ) -> tuple[Decoder, WeightChoice]:
-    """The decoder for `model` in the weight format QUANTIZATION=`setting` asks for (or `auto` chooses)."""
+    """The decoder for `model` in the weight format QUANTIZATION=`setting` asks for (or `auto` chooses); `checks`
+    is the folder that keeps quality verdicts between starts (None: measure every time)."""
     started = time.perf_counter()
     candidates = _candidates(setting, model.device, model.dtype)
     # the lean forward computes in float32; other dtypes (bfloat16 on AMX, float16 on CUDA) keep transformers'
@@ -161,21 +272,23 @@ def build_decoder(
     if candidates == ["none"]:
         return float32_decoder(), WeightChoice("none", "float32" if setting == "none" else "auto: no fbgemm here")
 
-    config = model.config
-    context = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1024)
-    limit = min(CHECK_TOKENS, context)
-
-    def ids(name: str) -> torch.Tensor:
-        return torch.tensor([tokenizer(builtin_text(name))["input_ids"][:limit]], device=model.device)
-
-    absmax = input_absmax(model, ids("calibration.txt"), _linear_layers(model)) if "int8" in candidates else {}
-    check = ids("quality_check.txt")
-    reference = plain.logits(check)
+    cache = CheckCache(checks, model) if checks is not None else None
+    measured = _Measurements(model, tokenizer, plain)
     for fmt in candidates:
         if fmt == "none":
             return float32_decoder(), WeightChoice(
                 "none", "auto: no smaller format passed the quality check", seconds=time.perf_counter() - started
             )
+        known = cache.verdicts.get(fmt) if cache is not None else None
+        if setting == "auto" and known is not None and not known.passes:
+            logger.info("%s weights failed the quality check at an earlier start (%s): skipping them", fmt, known)
+            continue
+        absmax: dict[str, torch.Tensor] = {}
+        if fmt == "int8":
+            cached_absmax = cache.absmax() if cache is not None else None
+            absmax = measured.absmax if cached_absmax is None else cached_absmax
+            if cache is not None and cached_absmax is None:
+                cache.record_absmax(absmax)
         make = _factory(fmt, absmax)
         restore: Callable[[], None] | None = None
         if lean:
@@ -183,9 +296,13 @@ def build_decoder(
         else:
             restore = _swap_linears(model, make)
             decoder = plain
-        quality = compare(reference, decoder.logits(check), check)
+        quality = known or compare(measured.reference, decoder.logits(measured.check_ids), measured.check_ids)
+        if cache is not None and known is None:
+            cache.record(fmt, quality)
         if setting != "auto" or quality.passes:
             reason = "auto: the smallest format that passed" if setting == "auto" else f"QUANTIZATION={fmt}"
+            if known is not None:
+                reason += " (quality as measured at an earlier start)"
             return decoder, WeightChoice(fmt, reason, quality, time.perf_counter() - started)
         logger.info("%s weights failed the quality check (%s): trying the next format", fmt, quality)
         if restore is not None:

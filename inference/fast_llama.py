@@ -10,8 +10,8 @@ the engine's slot cache. Models it does not support keep transformers' forward (
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ class FloatLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.weight = weight.detach().float()
-        self.bias = None if bias is None else bias.detach().float()
+        self.bias: torch.Tensor | None = None if bias is None else bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -54,92 +54,234 @@ def supports(model: PreTrainedModel) -> bool:
     )
 
 
-@dataclass
-class _Layer:
-    attention_norm: torch.Tensor
-    qkv: nn.Module
-    out: nn.Module
-    mlp_norm: torch.Tensor
-    gate_up: nn.Module
-    down: nn.Module
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # as transformers' LlamaRMSNorm computes it, so float32 results match it exactly
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+class DecoderLayer(nn.Module):
+    """One transformer block. Written for TorchScript: a scripted module runs its whole step in C++, which at batch 1
+    removes most of the Python and dispatch cost between the matrix products (docs/benchmarks.md)."""
+
+    def __init__(
+        self,
+        attention_norm: torch.Tensor,
+        qkv: nn.Module,
+        out: nn.Module,
+        mlp_norm: torch.Tensor,
+        gate_up: nn.Module,
+        down: nn.Module,
+        shape: tuple[int, int, int],
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.attention_norm, self.mlp_norm = attention_norm, mlp_norm
+        self.qkv, self.out, self.gate_up, self.down = qkv, out, gate_up, down
+        self.heads, self.kv_heads, self.head_dim = shape
+        self.groups = self.heads // self.kv_heads
+        self.qk_width = (self.heads + self.kv_heads) * self.head_dim
+        self.eps = eps
+
+    @torch.jit.export
+    def mlp(self, hidden: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(rms_norm(hidden, self.mlp_norm, self.eps)).chunk(2, dim=-1)
+        output: torch.Tensor = hidden + self.down(F.silu(gate) * up)
+        return output
+
+    @torch.jit.export
+    def prompt_projections(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of prompts [rows, width, hidden], rotated; heads first, as the cache keeps them."""
+        rows, width = hidden.shape[0], hidden.shape[1]
+        qkv = self.qkv(rms_norm(hidden, self.attention_norm, self.eps))
+        qkv = qkv.view(rows, width, self.heads + 2 * self.kv_heads, self.head_dim)
+        qk = qkv[:, :, : self.heads + self.kv_heads]
+        qk = qk * cos + torch.matmul(qk, rotation) * sin
+        query = qk[:, :, : self.heads].transpose(1, 2)
+        keys = qk[:, :, self.heads :].transpose(1, 2)
+        return query, keys, qkv[:, :, self.heads + self.kv_heads :].transpose(1, 2)
+
+    @torch.jit.export
+    def prompt_rest(
+        self, hidden: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """Causal attention over the cached keys and values, then the feed-forward block."""
+        rows, width = hidden.shape[0], hidden.shape[1]
+        attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=1.0, enable_gqa=True)
+        hidden = hidden + self.out(attended.transpose(1, 2).reshape(rows, width, -1))
+        return self.mlp(hidden)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rotary: torch.Tensor,
+        padding: torch.Tensor | None,
+        key_buffer: torch.Tensor,
+        value_buffer: torch.Tensor,
+        start: int,
+        end: int,
+    ) -> torch.Tensor:
+        """One decode step for rows [rows, hidden]: writes cache column `end` and attends over `start..end`."""
+        rows = hidden.shape[0]
+        # 1. project; rotate queries and keys together with each row's rotation matrix
+        qkv = self.qkv(rms_norm(hidden, self.attention_norm, self.eps))
+        qk = torch.bmm(qkv[:, : self.qk_width].view(rows, -1, self.head_dim), rotary)
+        # 2. this step's keys and values go straight into the cache's buffers
+        key_buffer[:rows, :, end] = qk[:, self.heads :]
+        value_buffer[:rows, :, end] = qkv[:, self.qk_width :].view(rows, self.kv_heads, self.head_dim)
+        keys = key_buffer[:rows, :, start : end + 1]
+        values = value_buffer[:rows, :, start : end + 1]
+        # 3. attention: each key/value head serves `groups` query heads, no copies of keys
+        query = qk[:, : self.heads].view(rows, self.kv_heads, self.groups, self.head_dim)
+        scores = torch.matmul(query, keys.transpose(2, 3))
+        if padding is not None:
+            scores = scores + padding
+        attended = torch.matmul(scores.softmax(-1), values)
+        hidden = hidden + self.out(attended.view(rows, -1))
+        # 4. the feed-forward block
+        return self.mlp(hidden)
+
+
+class DecodeStep(nn.Module):
+    """Every layer of one decode step, from token ids to logits, as one module (one TorchScript call per step)."""
+
+    def __init__(
+        self,
+        layers: list[DecoderLayer],
+        embedding: torch.Tensor,
+        final_norm: torch.Tensor,
+        lm_head: nn.Module,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rotation: torch.Tensor,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.eps = eps
+        self.embedding, self.final_norm, self.lm_head = embedding, final_norm, lm_head
+        self.cos, self.sin, self.rotation = cos, sin, rotation
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        key_buffers: list[torch.Tensor],
+        value_buffers: list[torch.Tensor],
+        start: int,
+        end: int,
+    ) -> torch.Tensor:
+        # 1. embeddings, and one rotation matrix per row shared by every layer
+        hidden = self.embedding[tokens].float()
+        rotary = torch.diag_embed(self.cos[positions]) + self.rotation * self.sin[positions].unsqueeze(1)
+        # 2. -inf over each row's left padding (None when no row has any)
+        padding: torch.Tensor | None = None
+        if attention_mask is not None:
+            padding = torch.zeros(attention_mask.shape, dtype=hidden.dtype, device=hidden.device)
+            padding = padding.masked_fill(attention_mask == 0, float("-inf"))[:, None, None, :]
+        # 3. the layers, each writing its column of the cache
+        for index, layer in enumerate(self.layers):
+            hidden = layer(hidden, rotary, padding, key_buffers[index], value_buffers[index], start, end)
+        # 4. logits for the next token
+        logits: torch.Tensor = self.lm_head(rms_norm(hidden, self.final_norm, self.eps))
+        return logits
+
+
+def _script(module: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        # TorchScript is in maintenance mode and warns so; it is still the way to run a step without Python in
+        # between, and torch.compile needs a C++ toolchain and a long warm-up at every start (docs/benchmarks.md).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted: nn.Module = torch.jit.script(module)
+        return scripted
 
 
 class LlamaDecoder:
     """Prefill and decode for a Llama model; `linear` decides how the projections are stored (float32, int8...).
-    It copies what it needs, so the transformers model may be dropped once it is built."""
+    It copies what it needs, so the transformers model may be dropped once it is built. `compiled` runs the layers
+    as TorchScript (the default); eager mode computes the same and is kept for comparison and debugging."""
 
     def __init__(
-        self, model: PreTrainedModel, linear: LinearFactory = plain_linear, embedding_dtype: torch.dtype | None = None
+        self,
+        model: PreTrainedModel,
+        linear: LinearFactory = plain_linear,
+        embedding_dtype: torch.dtype | None = None,
+        compiled: bool = True,
     ) -> None:
         config: Any = model.config
         inner: Any = model.model
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.groups = self.heads // self.kv_heads
-        self.eps = config.rms_norm_eps
         self.device = model.device
-        self.layers = [self._layer(index, layer, linear) for index, layer in enumerate(inner.layers)]
-        self.final_norm = inner.norm.weight.detach().float()
-        self.lm_head = linear(model.lm_head.weight, None, "lm_head")
+        layers = [self._layer(index, layer, linear, config.rms_norm_eps) for index, layer in enumerate(inner.layers)]
         # looked up a few rows a step, so it may be stored smaller (float16 halves it) and widened as rows are read
-        self.embedding = inner.embed_tokens.weight.detach().to(embedding_dtype or torch.float32)
+        embedding = inner.embed_tokens.weight.detach().to(embedding_dtype or torch.float32)
         # cos/sin of every position once (a few MB), from the model's own rotary module: any rope scaling it applies
         positions = torch.arange(config.max_position_embeddings, device=self.device).unsqueeze(0)
-        cos, sin = inner.rotary_emb(self.embedding[:1].float(), positions)
-        self.cos, self.sin = cos[0].float(), sin[0].float()
+        cos, sin = inner.rotary_emb(embedding[:1].float(), positions)
         # rotate_half(x) == x @ rotation: rope(x) = x * cos + (x @ rotation) * sin
         half = self.head_dim // 2
-        self.rotation = torch.zeros(self.head_dim, self.head_dim, device=self.device)
-        self.rotation[torch.arange(half) + half, torch.arange(half)] = -1.0
-        self.rotation[torch.arange(half), torch.arange(half) + half] = 1.0
+        rotation = torch.zeros(self.head_dim, self.head_dim, device=self.device)
+        rotation[torch.arange(half) + half, torch.arange(half)] = -1.0
+        rotation[torch.arange(half), torch.arange(half) + half] = 1.0
+        step = DecodeStep(
+            layers,
+            embedding,
+            inner.norm.weight.detach().float(),
+            linear(model.lm_head.weight, None, "lm_head"),
+            cos[0].float(),
+            sin[0].float(),
+            rotation,
+            config.rms_norm_eps,
+        )
+        self.step: nn.Module = _script(step) if compiled else step
+        self.compiled = compiled
 
-    def _layer(self, index: int, layer: Any, linear: LinearFactory) -> _Layer:
+    def _layer(self, index: int, layer: Any, linear: LinearFactory, eps: float) -> DecoderLayer:
         attention, mlp = layer.self_attn, layer.mlp
         # the attention scale goes into the query weights, so no step multiplies the scores by it
         query = attention.q_proj.weight.detach().float() * self.head_dim**-0.5
         qkv = torch.cat([query, attention.k_proj.weight.detach().float(), attention.v_proj.weight.detach().float()])
         gate_up = torch.cat([mlp.gate_proj.weight.detach().float(), mlp.up_proj.weight.detach().float()])
-        return _Layer(
+        return DecoderLayer(
             attention_norm=layer.input_layernorm.weight.detach().float(),
             qkv=linear(qkv, None, f"model.layers.{index}.self_attn.q_proj"),
             out=linear(attention.o_proj.weight, None, f"model.layers.{index}.self_attn.o_proj"),
             mlp_norm=layer.post_attention_layernorm.weight.detach().float(),
             gate_up=linear(gate_up, None, f"model.layers.{index}.mlp.gate_proj"),
             down=linear(mlp.down_proj.weight, None, f"model.layers.{index}.mlp.down_proj"),
+            shape=(self.heads, self.kv_heads, self.head_dim),
+            eps=eps,
         )
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # as transformers' LlamaRMSNorm computes it, so float32 results match it exactly
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+    @property
+    def layers(self) -> list[Any]:
+        step: Any = self.step
+        return list(step.layers)
 
-    def _mlp(self, layer: _Layer, hidden: torch.Tensor) -> torch.Tensor:
-        gate, up = layer.gate_up(self._norm(hidden, layer.mlp_norm)).chunk(2, dim=-1)
-        output: torch.Tensor = hidden + layer.down(F.silu(gate) * up)
-        return output
+    @property
+    def lm_head(self) -> nn.Module:
+        step: Any = self.step
+        lm_head: nn.Module = step.lm_head
+        return lm_head
 
     # ----- prefill: prompts of one length, a fresh cache ---------------------------------------------------------
 
     def _prompt_forward(self, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         """Every position's last hidden state for same-length prompts [rows, width], filling `cache`."""
-        rows, width = input_ids.shape
+        step: Any = self.step
+        width = input_ids.shape[1]
         # 1. token embeddings, and each position's rotary factors
-        hidden = self.embedding[input_ids].float()
-        cos, sin = self.cos[:width].unsqueeze(1), self.sin[:width].unsqueeze(1)  # [width, 1, head_dim]
-        for index, layer in enumerate(self.layers):
-            # 2. attention: project, rotate queries and keys, cache keys and values, attend causally
-            qkv = layer.qkv(self._norm(hidden, layer.attention_norm))
-            qkv = qkv.view(rows, width, self.heads + 2 * self.kv_heads, self.head_dim)
-            qk = qkv[:, :, : self.heads + self.kv_heads]
-            qk = qk * cos + (qk @ self.rotation) * sin
-            query = qk[:, :, : self.heads].transpose(1, 2)
-            keys, values = cache.update(
-                qk[:, :, self.heads :].transpose(1, 2), qkv[:, :, self.heads + self.kv_heads :].transpose(1, 2), index
-            )
-            attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=1.0, enable_gqa=True)
-            hidden = hidden + layer.out(attended.transpose(1, 2).reshape(rows, width, -1))
-            # 3. the feed-forward block
-            hidden = self._mlp(layer, hidden)
-        return self._norm(hidden, self.final_norm)
+        hidden = step.embedding[input_ids].float()
+        cos, sin = step.cos[:width].unsqueeze(1), step.sin[:width].unsqueeze(1)  # [width, 1, head_dim]
+        for index, layer in enumerate(step.layers):
+            # 2. attention: project and rotate, cache keys and values, attend causally; then the feed-forward block
+            query, keys, values = layer.prompt_projections(hidden, cos, sin, step.rotation)
+            keys, values = cache.update(keys, values, index)
+            hidden = layer.prompt_rest(hidden, query, keys, values)
+        return rms_norm(hidden, step.final_norm, step.eps)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]) -> tuple[DynamicCache, torch.Tensor]:
@@ -163,27 +305,18 @@ class LlamaDecoder:
     ) -> torch.Tensor:
         """Feed each row's newest token ([rows, 1]) at its position; `attention_mask` [rows, columns] marks the
         cache's real columns (the new one included, whose slot `cache.reserve_columns(1)` made). Returns logits."""
-        rows = tokens.shape[0]
-        # 1. embeddings, one rotation matrix per row for all layers, and -inf over each row's left padding
-        hidden = self.embedding[tokens[:, 0]].float()
-        position = positions[:, 0]
-        rotary = torch.diag_embed(self.cos[position]) + self.rotation * self.sin[position].unsqueeze(1)
-        padding = torch.zeros(attention_mask.shape, device=self.device).masked_fill_(attention_mask == 0, -torch.inf)
-        padding = padding[:, None, None, :]
-        qk_width = (self.heads + self.kv_heads) * self.head_dim
-        for cache_layer, layer in zip(cache.slot_layers(), self.layers, strict=True):
-            # 2. project; rotate queries and keys together; write this column of keys and values into the cache
-            qkv = layer.qkv(self._norm(hidden, layer.attention_norm))
-            qk = torch.bmm(qkv[:, :qk_width].view(rows, -1, self.head_dim), rotary)
-            keys, values = cache_layer.update(
-                qk[:, self.heads :].unsqueeze(2), qkv[:, qk_width:].view(rows, self.kv_heads, 1, self.head_dim)
-            )
-            # 3. attention: each key/value head serves `groups` query heads, no copies of keys
-            scores = torch.matmul(qk[:, : self.heads].view(rows, self.kv_heads, self.groups, -1), keys.transpose(2, 3))
-            attended = torch.matmul((scores + padding).softmax(-1), values)
-            hidden = hidden + layer.out(attended.view(rows, -1))
-            # 4. the feed-forward block
-            hidden = self._mlp(layer, hidden)
-        # 5. logits for the next token
-        logits: torch.Tensor = self.lm_head(self._norm(hidden, self.final_norm))
+        layers = cache.slot_layers()
+        # a mask of all ones (no row padded: always so at batch 1) needs no -inf added to the scores
+        mask = None if bool(attention_mask.all()) else attention_mask
+        logits: torch.Tensor = self.step(
+            tokens[:, 0],
+            positions[:, 0],
+            mask,
+            [layer.key_buffer for layer in layers],
+            [layer.value_buffer for layer in layers],
+            cache.start,
+            cache.end,
+        )
+        # the step wrote column `end` of every layer's buffers
+        cache.advance(1)
         return logits

@@ -114,6 +114,10 @@ class SlotCache(Cache):
             layer.key_buffer, layer.value_buffer = keys, values
         self._apply_window(end)
 
+    def advance(self, width: int) -> None:
+        """Count `width` columns the model wrote straight into the buffers, after `end`, as part of the window."""
+        self._apply_window(self.end + width)
+
     def reserve_columns(self, width: int) -> None:
         """Make sure `width` more columns fit after `end` (before a decode step)."""
         if self.end + width > self.column_capacity:

@@ -161,6 +161,11 @@ def dequantize_bundled_gguf(folder: Path) -> None:
     logger.info("Converted in %.0f s; later starts load it in seconds.", time.perf_counter() - started)
 
 
+def quality_checks_folder(settings: Settings) -> Path:
+    """Where the weight formats' quality verdicts are kept between starts (decoders.CheckCache)."""
+    return settings.model_cache_dir / "quality-checks"
+
+
 def resolve_location(settings: Settings) -> tuple[ModelSource, str]:
     """Where MODEL_ID's weights come from: a folder on disk, the bundled package, or the hub (or its local cache)."""
     folder = Path(settings.model_id).expanduser()
@@ -215,7 +220,7 @@ def load_model(settings: Settings) -> LoadedModel:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     loaded_at = time.perf_counter()
-    decoder, weights = build_decoder(model, tokenizer, settings.quantization)
+    decoder, weights = build_decoder(model, tokenizer, settings.quantization, quality_checks_folder(settings))
     seconds = time.perf_counter() - started
     if settings.dtype == "auto" and device.type == "cpu" and cpu_has_bf16_matrix_units():
         logger.info(
@@ -223,11 +228,21 @@ def load_model(settings: Settings) -> LoadedModel:
             "memory, but a request's text may then differ between running alone and in a batch."
         )
     logger.info(
-        "Loaded %s from %s (%s) on %s as %s in %.1f s; weights: %s (%s; %.1f s of it)", settings.model_id, source,
-        location, device, dtype, seconds, weights.format, weights.reason, time.perf_counter() - loaded_at,
-    )  # fmt: skip
+        "Loaded %s from %s (%s) on %s as %s in %.1f s; weights: %s (%s; %.1f s of it)",
+        *(settings.model_id, source, location, device, dtype, seconds),
+        *(weights.format, weights.reason, time.perf_counter() - loaded_at),
+    )
     return LoadedModel(
-        decoder=decoder, tokenizer=tokenizer, config=model.config, generation_config=model.generation_config,
-        parameters=model.num_parameters(), weights=weights, model_id=settings.model_id, source=source,
-        location=location, device=device, dtype=dtype, load_seconds=seconds,
-    )  # fmt: skip
+        decoder=decoder,
+        tokenizer=tokenizer,
+        config=model.config,
+        generation_config=model.generation_config,
+        parameters=model.num_parameters(),
+        weights=weights,
+        model_id=settings.model_id,
+        source=source,
+        location=location,
+        device=device,
+        dtype=dtype,
+        load_seconds=seconds,
+    )

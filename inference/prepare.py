@@ -1,4 +1,5 @@
-"""`python -m inference.prepare`: fetch or convert MODEL_ID once, ahead of the first start, with visible progress."""
+"""`python -m inference.prepare`: fetch or convert MODEL_ID once, ahead of the first start, with visible progress;
+then load it as the server would, so the weight format's quality check (QUANTIZATION) is measured and cached too."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 import sys
 
 from inference.errors import ModelNotFoundError
-from inference.loader import resolve_location
+from inference.loader import load_model, resolve_location
 from inference.settings import get_settings
 
 
@@ -19,6 +20,12 @@ def main() -> int:
         print(error.message, file=sys.stderr)
         return 1
     print(f"MODEL_ID={settings.model_id} comes from the {source}: {location}")
+    try:
+        loaded = load_model(settings)
+    except ModelNotFoundError as error:
+        print(error.message, file=sys.stderr)
+        return 1
+    print(f"Weights served as {loaded.weights.format} ({loaded.weights.reason}); later starts reuse this check.")
     return 0
 
 

@@ -73,18 +73,21 @@ class Int8Linear(nn.Module):
         self.packed, _ = _pack_int8(weight * smoothing)
         self.inverse_smoothing: torch.Tensor = 1 / smoothing
         self.bias: torch.Tensor | None = None if bias is None else bias.detach().float().clone()
+        # attributes rather than module globals, which TorchScript would not see
+        self.activation_scale, self.activation_zero_point, self.tiny = ACTIVATION_SCALE, ACTIVATION_ZERO_POINT, TINY
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features) * self.inverse_smoothing
         # 1. each row scaled into [-1, 1] by its own largest value, so the fixed quantization grid fits every row
-        row_scale = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_min_(TINY)
+        row_scale = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_min_(self.tiny)
         # 2. quantize, multiply in integers, dequantize: one fbgemm call
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            rows / row_scale, ACTIVATION_SCALE, ACTIVATION_ZERO_POINT, self.packed
+            rows / row_scale, self.activation_scale, self.activation_zero_point, self.packed
         )
         # 3. undo the row scaling (and add the bias, which must not be scaled)
-        y = y * row_scale if self.bias is None else torch.addcmul(self.bias, y, row_scale)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        bias = self.bias
+        y = y * row_scale if bias is None else torch.addcmul(bias, y, row_scale)
+        return y.reshape(list(x.shape[:-1]) + [self.out_features])  # noqa: RUF005 (TorchScript: no star in calls)
 
 
 class Float16Linear(nn.Module):
@@ -98,7 +101,7 @@ class Float16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features), self.packed)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(list(x.shape[:-1]) + [self.out_features])  # noqa: RUF005 (TorchScript: no star in calls)
 
 
 def make_linear(

@@ -24,10 +24,11 @@ def test_llama_is_supported_and_gpt2_is_not(llama: PreTrainedModel, tiny_gpt2_di
     assert not supports(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir))
 
 
-def test_prefill_matches_transformers(llama: PreTrainedModel) -> None:
+@pytest.mark.parametrize("compiled", [True, False], ids=["torchscript", "eager"])
+def test_prefill_matches_transformers(llama: PreTrainedModel, compiled: bool) -> None:
     prompts = [[5, 6, 7, 8, 9], [20, 21, 22, 23, 24]]
     _, expected = batching.prefill(TransformersDecoder(llama), prompts)
-    _, logits = LlamaDecoder(llama).prefill(prompts)
+    _, logits = LlamaDecoder(llama, compiled=compiled).prefill(prompts)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -64,9 +65,11 @@ def greedy_rows(
     return tokens
 
 
-def test_decoding_a_padded_batch_matches_transformers(llama: PreTrainedModel) -> None:
+@pytest.mark.parametrize("compiled", [True, False], ids=["torchscript", "eager"])
+def test_decoding_a_padded_batch_matches_transformers(llama: PreTrainedModel, compiled: bool) -> None:
     prompts = [[5, 6, 7], [30, 31, 32, 33, 34, 35, 36], [12, 13, 14, 15, 16]]
-    decoder = LlamaDecoder(llama)
+    decoder = LlamaDecoder(llama, compiled=compiled)
+    assert isinstance(decoder.step, torch.jit.ScriptModule) == compiled
 
     def hf_prefill(prompts: list[list[int]]) -> tuple[object, torch.Tensor]:
         prefilled, logits = batching.prefill(TransformersDecoder(llama), prompts)
@@ -74,3 +77,15 @@ def test_decoding_a_padded_batch_matches_transformers(llama: PreTrainedModel) ->
 
     expected = greedy_rows(prompts, hf_prefill, lambda batch: batch.step(TransformersDecoder(llama)))
     assert greedy_rows(prompts, decoder.prefill, lambda batch: batch.step(decoder)) == expected
+
+
+def test_torchscript_and_eager_give_the_same_logits_in_a_padded_batch(llama: PreTrainedModel) -> None:
+    prompts = [[5, 6, 7], [30, 31, 32, 33, 34, 35, 36]]
+    logits: dict[bool, list[torch.Tensor]] = {}
+    for compiled in (True, False):
+        decoder = LlamaDecoder(llama, compiled=compiled)
+        steps: list[torch.Tensor] = []
+        greedy_rows(prompts, decoder.prefill, lambda batch, d=decoder, s=steps: s.append(batch.step(d)) or s[-1])
+        logits[compiled] = steps
+    for scripted, eager in zip(logits[True], logits[False], strict=True):
+        torch.testing.assert_close(scripted, eager, rtol=1e-5, atol=1e-5)

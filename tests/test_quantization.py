@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from inference import decoders
 from inference.quantization import (
     Float16Linear,
     Int8Linear,
@@ -113,3 +116,73 @@ def test_the_gate_is_3_percent_perplexity_and_98_percent_agreement(
     perplexity_now: float, agreement: float, passes: bool
 ) -> None:
     assert QualityCheck(10.0, perplexity_now, agreement).passes is passes
+
+
+# ----- the quality verdicts kept between starts ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_llama(tiny_llama_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def forbid_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object) -> None:
+        raise AssertionError("measured although the verdict was cached")
+
+    monkeypatch.setattr(decoders, "compare", fail)
+    monkeypatch.setattr(decoders, "input_absmax", fail)
+
+
+def test_a_second_start_reuses_the_quality_verdicts(
+    tiny_llama: tuple[PreTrainedModel, PreTrainedTokenizerBase], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tokenizer = tiny_llama
+    _, first = decoders.build_decoder(model, tokenizer, "auto", tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    forbid_measuring(monkeypatch)
+    decoder, second = decoders.build_decoder(model, tokenizer, "auto", tmp_path)
+    assert (second.format, second.quality) == (first.format, first.quality)
+    assert second.reason.endswith("(quality as measured at an earlier start)")
+    if second.format == "int8":  # its calibration came from the cache too
+        assert decoder.logits(torch.tensor([[3, 4, 5]])).shape[-1] == model.config.vocab_size
+
+
+def test_a_format_that_failed_before_is_not_built_again(
+    tiny_llama: tuple[PreTrainedModel, PreTrainedTokenizerBase], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tokenizer = tiny_llama
+    cache = decoders.CheckCache(tmp_path, model)
+    cache.record("int8", QualityCheck(10.0, 20.0, 0.5))
+    cache.record("float16", QualityCheck(10.0, 10.0, 1.0))
+    forbid_measuring(monkeypatch)
+    monkeypatch.setattr(
+        decoders,
+        "make_linear",
+        lambda fmt, *args: pytest.fail(f"built {fmt}") if fmt == "int8" else Float16Linear(*args[:2]),
+    )
+    _, choice = decoders.build_decoder(model, tokenizer, "auto", tmp_path)
+    assert choice.format == "float16"
+
+
+def test_other_weights_are_measured_afresh(
+    tiny_llama: tuple[PreTrainedModel, PreTrainedTokenizerBase], tmp_path: Path
+) -> None:
+    model = tiny_llama[0]
+    decoders.CheckCache(tmp_path, model).record("int8", QualityCheck(10.0, 20.0, 0.5))
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.01)
+    assert decoders.CheckCache(tmp_path, model).verdicts == {}
+
+
+def test_an_unreadable_cache_only_costs_the_measurement(
+    tiny_llama: tuple[PreTrainedModel, PreTrainedTokenizerBase], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, tokenizer = tiny_llama
+    cache = decoders.CheckCache(tmp_path, model)
+    (tmp_path / f"{cache.key}.json").write_text("{not json")
+    _, choice = decoders.build_decoder(model, tokenizer, "auto", tmp_path)
+    assert choice.quality is not None
+    assert "unreadable quality-check cache" in caplog.text
+    assert decoders.CheckCache(tmp_path, model).verdicts  # rewritten
