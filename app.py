@@ -31,7 +31,6 @@ from inference import __version__
 from inference.engine import Engine, EngineFrontEnd, EngineState
 from inference.settings import Settings, get_settings
 from ui import CSS, THEME, build_ui
-from ui.handlers import Handlers
 
 logger = logging.getLogger("app")
 
@@ -61,7 +60,6 @@ def create_app(settings: Settings | None = None, engine: EngineFrontEnd | None =
     app.state.engine = engine
     app.state.settings = settings
     app.state.metrics = Metrics(engine)
-    app.state.ui_handlers = Handlers(engine, settings)
     app.state.auth_backoff = FailureBackoff()
     install_error_handlers(app)
     # Added innermost first: request ids and metrics see every request, even one refused for its size.
@@ -81,7 +79,7 @@ def create_app(settings: Settings | None = None, engine: EngineFrontEnd | None =
     # Mounted last: routes added after a mount at "/" would be shadowed by it.
     return gr.mount_gradio_app(
         app,
-        build_ui(engine, settings, app.state.ui_handlers),
+        build_ui(engine, settings),
         path="/",
         # Only gr.Error messages (written for people) reach clients; any other exception shows as a plain "Error"
         # rather than Python's words for it.

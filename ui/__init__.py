@@ -20,8 +20,8 @@ GRADIO_CACHE_SWEEP_S = 3600
 GRADIO_SESSIONS_KEPT = 200
 
 
-def build_ui(engine: EngineFrontEnd, settings: Settings, handlers: Handlers | None = None) -> gr.Blocks:
-    handlers = handlers or Handlers(engine, settings)
+def build_ui(engine: EngineFrontEnd, settings: Settings) -> gr.Blocks:
+    handlers = Handlers(engine, settings)
     unbatch_validators()
     # Gradio deletes the files it made for this app once they are an hour old, and all of them at shutdown.
     with Blocks(title="LLM playground", delete_cache=(GRADIO_CACHE_SWEEP_S, GRADIO_CACHE_SWEEP_S)) as demo:
@@ -42,7 +42,8 @@ def build_ui(engine: EngineFrontEnd, settings: Settings, handlers: Handlers | No
     # dropped past this many, and each API call without a session hash is a session of its own: with Gradio's
     # default of 10,000, API traffic alone grew the process by ~0.8 GB before anything was freed. More sessions than
     # this can't be active at once anyway (the engine holds MAX_BATCH_SIZE + MAX_QUEUE_SIZE requests); a tab whose
-    # session was dropped gets a fresh one at its next event and loses nothing (no gr.State here: the conversation
-    # lives in the page).
+    # session was dropped gets a fresh one at its next event and loses nothing that matters: the conversation lives
+    # in the page; only the progress of a reply on its way lives in a gr.State, and without it a reply stopped then
+    # keeps its last "Generating…" line instead of "Stopped after N tokens.".
     demo.state_session_capacity = GRADIO_SESSIONS_KEPT
     return demo

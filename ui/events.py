@@ -53,14 +53,14 @@ def wire(ui: Playground, handlers: Handlers, settings: Settings) -> None:
     )
 
     # ----- chat ---------------------------------------------------------------------------------------------------
-    turn_outputs = [ui.message, ui.chatbot, ui.chat_stats]
+    turn_outputs = [ui.message, ui.chatbot, ui.chat_stats, ui.reply_progress]
 
     def reply_after(start: Dependency) -> Dependency:
         """Stream the model's reply once `start` has put the user's turn into the conversation."""
         reply = start.success(
             handlers.respond,
             inputs=[ui.chatbot, ui.system_prompt, *ui.sampling],
-            outputs=[ui.chatbot, ui.chat_stats, ui.message],
+            outputs=[ui.chatbot, ui.chat_stats, ui.message, ui.reply_progress],
             api_visibility=PRIVATE,
             show_progress="minimal",
             show_progress_on=[ui.chatbot],
@@ -69,7 +69,8 @@ def wire(ui: Playground, handlers: Handlers, settings: Settings) -> None:
         # However the reply ended (done, stopped or failed) the box takes input again. Gradio 6.31's page runs `.then`
         # listeners after success and cancellation but not after an error, hence `.failure` too.
         ended: dict[str, Any] = {
-            "fn": handlers.reply_ended, "inputs": [ui.chat_stats], "outputs": [ui.message, ui.chat_stats],
+            "fn": handlers.reply_ended, "inputs": [ui.reply_progress],
+            "outputs": [ui.message, ui.chat_stats, ui.reply_progress],
         }  # fmt: skip
         reply.then(**ended, **quick)
         reply.failure(**ended, **quick)
@@ -99,14 +100,15 @@ def wire(ui: Playground, handlers: Handlers, settings: Settings) -> None:
     completion = ui.complete.click(
         handlers.complete,
         inputs=[ui.prompt, *ui.sampling],
-        outputs=[ui.completion, ui.completion_stats],
+        outputs=[ui.completion, ui.completion_stats, ui.completion_progress],
         api_visibility=PRIVATE,
         show_progress="minimal",
         show_progress_on=[ui.completion],
         **streaming,
     )
-    completion.then(handlers.completion_ended, [ui.completion_stats], [ui.completion_stats], **quick)
-    completion.failure(handlers.completion_ended, [ui.completion_stats], [ui.completion_stats], **quick)
+    completion_ended = [ui.completion_stats, ui.completion_progress]
+    completion.then(handlers.completion_ended, [ui.completion_progress], completion_ended, **quick)
+    completion.failure(handlers.completion_ended, [ui.completion_progress], completion_ended, **quick)
     ui.stop_completion.click(None, None, None, cancels=[completion], **quick)
 
     # ----- parameters ---------------------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ class Playground:
     # chat
     chatbot: gr.Chatbot
     chat_stats: gr.Markdown
+    # How far the reply on its way has got (ui.handlers.ReplyProgress): what the stats line says if it is stopped.
+    reply_progress: gr.State
     message: gr.Textbox
     send: gr.Button
     stop: gr.Button
@@ -61,6 +63,7 @@ class Playground:
     stop_completion: gr.Button
     completion: gr.Textbox
     completion_stats: gr.Markdown
+    completion_progress: gr.State
     api_generate: gr.Button
     # model
     model_info: gr.Markdown
@@ -132,6 +135,7 @@ def draw(settings: Settings) -> Playground:
                     placeholder="**Chat with the model.** Pick an example or type below; replies stream in.",
                 )  # fmt: skip
                 chat_stats = gr.Markdown(elem_id="chat_stats", elem_classes="stats")
+                reply_progress = gr.State()
                 with gr.Row(elem_id="message_row"):
                     message = gr.Textbox(
                         placeholder="Type a message (Enter sends, Shift+Enter: new line)",
@@ -158,6 +162,7 @@ def draw(settings: Settings) -> Playground:
                     stop_completion = gr.Button("Stop", variant="stop", elem_id="stop_completion")
                 completion = gr.Textbox(label="Completion", lines=8, buttons=["copy"], elem_id="completion")
                 completion_stats = gr.Markdown(elem_id="completion_stats", elem_classes="stats")
+                completion_progress = gr.State()
                 # What the public, batched `/generate` endpoint hangs on: the box above streams through its own event.
                 api_generate = gr.Button(visible=False, elem_id="api_generate")
             with gr.Tab("Model", elem_id="model_tab"):
@@ -175,9 +180,10 @@ def draw(settings: Settings) -> Playground:
             with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                 repetition_penalty, seed, stop_strings = draw_advanced(settings)
     return Playground(
-        chatbot=chatbot, chat_stats=chat_stats, message=message, send=send, stop=stop, regenerate=regenerate,
-        undo=undo, clear=clear, system_prompt=system_prompt, prompt=prompt, complete=complete,
+        chatbot=chatbot, chat_stats=chat_stats, reply_progress=reply_progress, message=message, send=send, stop=stop,
+        regenerate=regenerate, undo=undo, clear=clear, system_prompt=system_prompt, prompt=prompt, complete=complete,
         stop_completion=stop_completion, completion=completion, completion_stats=completion_stats,
+        completion_progress=completion_progress,
         api_generate=api_generate, model_info=model_info, model_info_json=model_info_json,
         refresh_model_info=refresh_model_info, preset=preset, temperature=temperature, top_p=top_p, top_k=top_k,
         max_length=max_length, repetition_penalty=repetition_penalty, seed=seed, stop_strings=stop_strings,
