@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.protocol import ErrorResponse
 from inference.errors import (
     EngineError,
     GenerationError,
@@ -20,7 +21,6 @@ from inference.errors import (
     RequestTimeoutError,
     UnknownModelError,
 )
-from inference.schemas import ErrorResponse
 from inference.text import printable, text_problem
 
 logger = logging.getLogger("api")
@@ -104,7 +104,7 @@ def _describe_validation_error(error: dict[str, Any]) -> tuple[str, str | None]:
     if error.get("type") == "extra_forbidden":
         return f"`{param}` is not a known parameter", param
     if error.get("type") in _TEXT_ERRORS:
-        # strict models refuse a lone surrogate before inference.schemas.Text sees it ("string_unicode")
+        # strict models refuse a lone surrogate before api.protocol.Text sees it ("string_unicode")
         if not location:
             return "A parameter's name is not valid Unicode text: it holds a lone surrogate.", None
         problem = text_problem(error.get("input")) or str(error.get("msg"))

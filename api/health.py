@@ -7,9 +7,9 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from api.routes import EngineDep
+from api.deps import EngineDep
+from api.protocol import HealthResponse
 from inference.engine import EngineFrontEnd, EngineState
-from inference.schemas import HealthResponse
 from inference.settings import Settings
 
 router = APIRouter(tags=["service"])

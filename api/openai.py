@@ -11,12 +11,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.sse import EventSourceResponse
 
 from api.auth import AuthFirstRoute
+from api.deps import EngineDep, SettingsDep, request_id, timing_headers
 from api.errors import ERROR_RESPONSES
-from api.routes import EngineDep, SettingsDep, request_id, timing_headers
-from api.sse import sse_response
-from inference.engine import EngineFrontEnd, EngineState, GenerationResult, RequestHandleBase, TextChunk
-from inference.errors import EngineError, NotReadyError, UnknownModelError
-from inference.openai_schemas import (
+from api.openai_protocol import (
     OPENAI_FINISH_REASONS,
     AssistantMessage,
     ChatChoice,
@@ -33,6 +30,9 @@ from inference.openai_schemas import (
     OpenAIUsage,
     SamplingFields,
 )
+from api.sse import sse_response
+from inference.engine import EngineFrontEnd, EngineState, GenerationResult, RequestHandleBase, TextChunk
+from inference.errors import EngineError, NotReadyError, UnknownModelError
 from inference.prompts import PreparedPrompt
 from inference.settings import Settings
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from api.protocol import MAX_PROMPT_CHARS, Text
 from inference.errors import InvalidRequestError
 from inference.params import (
     MAX_ADDITIVE_PENALTY,
@@ -20,7 +21,6 @@ from inference.params import (
     build_sampling_params,
 )
 from inference.prompts import ChatMessage
-from inference.schemas import MAX_PROMPT_CHARS, Text
 from inference.settings import Settings
 
 OPENAI_FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
