@@ -15,6 +15,7 @@ from api.deps import EngineDep, SettingsDep, request_id, timing_headers
 from api.errors import ERROR_RESPONSES
 from api.openai_protocol import (
     OPENAI_FINISH_REASONS,
+    OPENAI_NAMES,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -31,7 +32,14 @@ from api.openai_protocol import (
     SamplingFields,
 )
 from api.sse import sse_response
-from inference.engine import EngineFrontEnd, EngineState, GenerationResult, RequestHandleBase, TextChunk
+from inference.engine import (
+    EngineFrontEnd,
+    EngineState,
+    GenerationResult,
+    RequestHandleBase,
+    TextChunk,
+    check_lengths,
+)
 from inference.errors import EngineError, NotReadyError, UnknownModelError
 from inference.prompts import PreparedPrompt
 from inference.settings import Settings
@@ -69,12 +77,14 @@ def submit_all(
         for prompt in prompts:
             for choice in range(body.n):
                 params = body.sampling_params(settings, max_tokens, choice)
+                # the engine checks the lengths too, but under its own name for max_tokens
+                check_lengths(
+                    settings, engine.context_length, len(prompt.token_ids), params, OPENAI_NAMES["max_new_tokens"]
+                )
                 handles.append(engine.submit(prompt, params, request_id=request_id(request), route=route))
-    except EngineError as error:
+    except EngineError:
         for handle in handles:
             handle.cancel()
-        if error.param == "max_new_tokens":  # speak the client's language: OpenAI calls it max_tokens
-            error.param, error.message = "max_tokens", error.message.replace("max_new_tokens", "max_tokens")
         raise
     return handles
 

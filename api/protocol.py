@@ -3,58 +3,29 @@ route (api/errors.py): the wire format, apart from what the engine itself return
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from inference.errors import InvalidRequestError
-from inference.params import (
-    MAX_ADDITIVE_PENALTY,
-    MAX_REPETITION_PENALTY,
-    MAX_SEED,
-    MAX_TEMPERATURE,
-    MAX_TOP_K,
-    SamplingParams,
-    build_sampling_params,
-)
+from inference.params import MaxNewTokens, SamplingKnobs, SamplingParams, build_sampling_params
 from inference.settings import Settings
-from inference.text import text_problem
+from inference.text import Text
 
 # The body size cap (MAX_BODY_BYTES) bounds the prompt's length; this bounds a single field in characters.
 MAX_PROMPT_CHARS = 1_000_000
 
 
-def _text(value: str) -> str:
-    problem = text_problem(value)
-    if problem is not None:
-        raise PydanticCustomError("invalid_text", problem)
-    return value
-
-
-# A string that can be tokenized and written back as UTF-8 (no lone surrogates): every text field of every request.
-Text = Annotated[str, AfterValidator(_text)]
-
-
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, allow_inf_nan=False)
+class GenerateRequest(SamplingKnobs):
+    model_config = ConfigDict(populate_by_name=True)
 
     prompt: Text = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Text to continue; not empty.")
-    max_new_tokens: int | None = Field(
+    max_new_tokens: MaxNewTokens | None = Field(
         default=None,
-        ge=1,
         validation_alias=AliasChoices("max_new_tokens", "max_length"),
         description="Most tokens to generate (also accepted as `max_length`, the playground's name); capped by "
         "MAX_NEW_TOKENS.",
     )
-    temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE, description="0 means greedy.")
-    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K, description="0 turns top-k off.")
-    repetition_penalty: float | None = Field(default=None, gt=0, le=MAX_REPETITION_PENALTY)
-    presence_penalty: float | None = Field(default=None, ge=-MAX_ADDITIVE_PENALTY, le=MAX_ADDITIVE_PENALTY)
-    frequency_penalty: float | None = Field(default=None, ge=-MAX_ADDITIVE_PENALTY, le=MAX_ADDITIVE_PENALTY)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Same seed and parameters, same text.")
-    stop: Text | list[Text] | None = Field(default=None, description="Output ends before the first of these strings.")
     stream: bool = Field(default=False, description="Answer with server-sent events as the text is generated.")
 
     @model_validator(mode="before")
@@ -67,18 +38,7 @@ class GenerateRequest(BaseModel):
         return data
 
     def sampling_params(self, settings: Settings) -> SamplingParams:
-        return build_sampling_params(
-            settings,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            seed=self.seed,
-            stop=self.stop,
-        )
+        return build_sampling_params(settings, **self.knobs())
 
 
 class Usage(BaseModel):

@@ -21,11 +21,11 @@ GRADIO_SESSIONS_KEPT = 200
 
 
 def build_ui(engine: EngineFrontEnd, settings: Settings) -> gr.Blocks:
-    handlers = Handlers(engine, settings)
     unbatch_validators()
     # Gradio deletes the files it made for this app once they are an hour old, and all of them at shutdown.
     with Blocks(title="LLM playground", delete_cache=(GRADIO_CACHE_SWEEP_S, GRADIO_CACHE_SWEEP_S)) as demo:
         playground = draw(settings)
+        handlers = Handlers(engine, settings, playground)
         wire(playground, handlers, settings)
         demo.load(
             handlers.model_info,

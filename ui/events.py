@@ -7,13 +7,13 @@ the model goes through it, so Gradio shows the queue position while a request wa
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import gradio as gr
 from gradio.events import Dependency
 
 from inference.settings import Settings
-from ui.handlers import Handlers
+from ui.handlers import PRESET_KNOBS, Handlers
 from ui.layout import Playground
 
 # Gradio batches of /generate that may sit in the engine at once. With two, one batch decodes while the next
@@ -59,7 +59,7 @@ def wire(ui: Playground, handlers: Handlers, settings: Settings) -> None:
         """Stream the model's reply once `start` has put the user's turn into the conversation."""
         reply = start.success(
             handlers.respond,
-            inputs=[ui.chatbot, ui.system_prompt, *ui.sampling],
+            inputs={ui.chatbot, ui.system_prompt, *ui.knobs.values()},
             outputs=[ui.chatbot, ui.chat_stats, ui.message, ui.reply_progress],
             api_visibility=PRIVATE,
             show_progress="minimal",
@@ -99,7 +99,7 @@ def wire(ui: Playground, handlers: Handlers, settings: Settings) -> None:
     # ----- completion ---------------------------------------------------------------------------------------------
     completion = ui.complete.click(
         handlers.complete,
-        inputs=[ui.prompt, *ui.sampling],
+        inputs={ui.prompt, *ui.knobs.values()},
         outputs=[ui.completion, ui.completion_stats, ui.completion_progress],
         api_visibility=PRIVATE,
         show_progress="minimal",
@@ -112,10 +112,11 @@ def wire(ui: Playground, handlers: Handlers, settings: Settings) -> None:
     ui.stop_completion.click(None, None, None, cancels=[completion], **quick)
 
     # ----- parameters ---------------------------------------------------------------------------------------------
-    ui.preset.input(handlers.preset, [ui.preset], [ui.temperature, ui.top_p, ui.top_k, ui.repetition_penalty], **quick)
+    preset_sliders = [cast(gr.Slider, ui.knobs[knob]) for knob in PRESET_KNOBS]
+    ui.preset.input(handlers.preset, [ui.preset], preset_sliders, **quick)
     # Moving a slider by hand leaves the preset: none is selected any more.
     gr.on(
-        [slider.input for slider in (ui.temperature, ui.top_p, ui.top_k, ui.repetition_penalty)],
+        [slider.input for slider in preset_sliders],
         handlers.leave_preset, None, [ui.preset], **quick,
     )  # fmt: skip
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
+from gradio.components import Component
 
 from inference.engine import EngineFrontEnd, GenerationResult, TextChunk, check_lengths
 from inference.errors import EngineError, GenerationError, InvalidRequestError
@@ -23,7 +24,7 @@ from inference.settings import Settings
 from inference.text import check_text
 from ui import history as conversation
 from ui.history import History, parse_stop, split_last_turn, to_messages
-from ui.layout import TOP_K_SLIDER_MAX
+from ui.layout import TOP_K_SLIDER_MAX, Playground
 
 logger = logging.getLogger("ui")
 
@@ -32,10 +33,14 @@ WAITING = "Waiting for the model…"
 GENERATING = "Generating… {tokens} tokens"
 FINISH_REASONS = {"length": "reached max_length", "eos": "end of reply", "stop": "stop string"}
 
-# Presets of the sampling sliders: (temperature, top_p, top_k, repetition penalty). "balanced" is the server's defaults.
-PRESETS: dict[str, tuple[float, float, int, float]] = {
-    "precise": (0.2, 0.8, 20, 1.1),
-    "creative": (1.1, 0.98, 100, 1.0),
+# The playground and the public Gradio endpoints call max_new_tokens `max_length`; refusals say so.
+UI_NAMES = {"max_new_tokens": "max_length"}
+
+# Presets of the sampling sliders, by knob name. "balanced" is the server's defaults.
+PRESET_KNOBS = ("temperature", "top_p", "top_k", "repetition_penalty")
+PRESETS: dict[str, dict[str, float]] = {
+    "precise": {"temperature": 0.2, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1},
+    "creative": {"temperature": 1.1, "top_p": 0.98, "top_k": 100, "repetition_penalty": 1.0},
 }
 
 
@@ -109,31 +114,15 @@ def format_model_info(info: ModelInfo, snapshot: dict[str, int]) -> str:
 class Handlers:
     """Bound to one engine; every method here is what an event listener or `gr.api` calls."""
 
-    def __init__(self, engine: EngineFrontEnd, settings: Settings) -> None:
+    def __init__(self, engine: EngineFrontEnd, settings: Settings, ui: Playground) -> None:
         self.engine = engine
         self.settings = settings
+        # the playground's components: its events send their inputs as a dict keyed by component
+        self.ui = ui
 
-    def sampling_params(
-        self,
-        max_length: float | None,
-        temperature: float | None,
-        top_p: float | None,
-        top_k: float | None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-    ) -> SamplingParams:
-        # No int() here: build_sampling_params says "must be an integer" to "12.5", "abc" or NaN, in words.
-        return build_sampling_params(
-            self.settings,
-            max_new_tokens=max_length,  # type: ignore[arg-type]
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,  # type: ignore[arg-type]
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=stop,
-        )
+    def sampling_params(self, **knobs: Any) -> SamplingParams:
+        """The knobs, by knob name, as sent (no int(): "12.5", "abc" or NaN are refused in words, not by a crash)."""
+        return build_sampling_params(self.settings, names=UI_NAMES, **knobs)
 
     async def _prepare_completion(self, prompt: str) -> PreparedPrompt:
         if check_text(prompt, "prompt") == "":
@@ -150,21 +139,19 @@ class Handlers:
         and never reaches, or fails, a batch of others. One verdict per input, in GENERATE_INPUTS order."""
         try:
             prepared = await self._prepare_completion(prompt)
-            params = self.sampling_params(max_length, temperature, top_p, top_k)
-            check_lengths(self.settings, self.engine.context_length, len(prepared.token_ids), params)
+            params = self.sampling_params(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k)
+            length_name = UI_NAMES["max_new_tokens"]
+            check_lengths(self.settings, self.engine.context_length, len(prepared.token_ids), params, length_name)
         except EngineError as error:
             failed = error.param if error.param in GENERATE_INPUTS else "prompt"
-            message = error.message
-            if error.param == "max_new_tokens":  # speak the caller's language: this endpoint calls it max_length
-                failed, message = "max_length", message.replace("`max_new_tokens`", "`max_length`")
-            return [gr.validate(name != failed, message if name == failed else "") for name in GENERATE_INPUTS]
+            return [gr.validate(name != failed, error.message if name == failed else "") for name in GENERATE_INPUTS]
         return [gr.validate(True, "") for _ in GENERATE_INPUTS]
 
     async def _complete_one(
         self, prompt: str, max_length: int, temperature: float, top_p: float, top_k: int
     ) -> GenerationResult | EngineError:
         try:
-            params = self.sampling_params(max_length, temperature, top_p, top_k)
+            params = self.sampling_params(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k)
             return await self.engine.generate(await self._prepare_completion(prompt), params, route="gradio:/generate")
         except EngineError as error:
             return error
@@ -224,7 +211,15 @@ class Handlers:
         """Stream the assistant's reply to `message` after `history`; each value is the reply so far."""
         reply = ""
         try:
-            params = self.sampling_params(max_length, temperature, top_p, top_k, repetition_penalty, seed, stop)
+            params = self.sampling_params(
+                max_new_tokens=max_length,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                repetition_penalty=repetition_penalty,
+                seed=seed,
+                stop=stop,
+            )
             async for event in self._stream_chat(message, history, system_prompt, params, "gradio:/chat"):
                 if isinstance(event, TextChunk):
                     reply += event.text
@@ -236,30 +231,23 @@ class Handlers:
 
     # ----- the playground's chat ----------------------------------------------------------------------------------
 
-    async def respond(
-        self,
-        history: History,
-        system_prompt: str,
-        temperature: float,
-        top_p: float,
-        top_k: float,
-        max_length: float,
-        repetition_penalty: float,
-        seed: int | None,
-        stop: str,
-    ) -> AsyncIterator[tuple[Any, str, Any, ReplyProgress]]:
+    def _playground_params(self, inputs: dict[Component, Any]) -> SamplingParams:
+        """The sampling sliders' values, by knob name; the stop-strings box holds one string a line."""
+        knobs = self.ui.knob_values(inputs)
+        return self.sampling_params(**{**knobs, "stop": parse_stop(knobs["stop"])})
+
+    async def respond(self, inputs: dict[Component, Any]) -> AsyncIterator[tuple[Any, str, Any, ReplyProgress]]:
         """Stream the reply to the last user turn into the conversation, with a live token count, then the stats.
         Outputs: the conversation, the stats line, the message box (only touched when the request fails), and the
         reply's progress (for `reply_ended`, should the reply be stopped)."""
+        history, system_prompt = inputs[self.ui.chatbot], inputs[self.ui.system_prompt]
         earlier: History = []
         updated: History = []
         message = reply = ""
         try:
             earlier, message = split_last_turn(history)
             updated = [*history, {"role": "assistant", "content": ""}]
-            params = self.sampling_params(
-                max_length, temperature, top_p, top_k, repetition_penalty, seed, parse_stop(stop)
-            )
+            params = self._playground_params(inputs)
             async for event in self._stream_chat(message, earlier, system_prompt, params, "gradio:playground"):
                 if isinstance(event, TextChunk):
                     reply += event.text
@@ -334,25 +322,13 @@ class Handlers:
 
     # ----- completion ---------------------------------------------------------------------------------------------
 
-    async def complete(
-        self,
-        prompt: str,
-        temperature: float,
-        top_p: float,
-        top_k: float,
-        max_length: float,
-        repetition_penalty: float,
-        seed: int | None,
-        stop: str,
-    ) -> AsyncIterator[tuple[str, str, ReplyProgress]]:
+    async def complete(self, inputs: dict[Component, Any]) -> AsyncIterator[tuple[str, str, ReplyProgress]]:
         """The playground's completion box: the prompt and its continuation stream in, then the stats (and the
         progress, for `completion_ended`)."""
         text = ""
         try:
-            params = self.sampling_params(
-                max_length, temperature, top_p, top_k, repetition_penalty, seed, parse_stop(stop)
-            )
-            prepared = await self._prepare_completion(prompt)
+            params = self._playground_params(inputs)
+            prepared = await self._prepare_completion(inputs[self.ui.prompt])
             yield "", WAITING, ReplyProgress()
             async for event in self.engine.stream(prepared, params, route="gradio:playground"):
                 if isinstance(event, TextChunk):
@@ -375,15 +351,20 @@ class Handlers:
 
     # ----- parameters and the model panel -------------------------------------------------------------------------
 
-    def preset(self, name: str | None) -> tuple[Any, Any, Any, Any]:
-        """The sliders a preset sets: temperature, top_p, top_k, repetition penalty."""
+    def preset(self, name: str | None) -> tuple[Any, ...]:
+        """The values of the sliders a preset sets, in PRESET_KNOBS order."""
+        values: dict[str, Any]
         if name == "balanced":
             settings = self.settings
-            top_k = min(settings.default_top_k, TOP_K_SLIDER_MAX)
-            return settings.default_temperature, settings.default_top_p, top_k, 1.0
-        if name in PRESETS:
-            return PRESETS[name]
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            values = {
+                "temperature": settings.default_temperature,
+                "top_p": settings.default_top_p,
+                "top_k": min(settings.default_top_k, TOP_K_SLIDER_MAX),
+                "repetition_penalty": 1.0,
+            }
+        else:
+            values = PRESETS.get(name or "", {})
+        return tuple(values.get(knob, gr.skip()) for knob in PRESET_KNOBS)
 
     @staticmethod
     def leave_preset() -> None:

@@ -7,14 +7,18 @@ nothing from the internet.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import gradio as gr
 
-from inference.params import MAX_REPETITION_PENALTY, MAX_TEMPERATURE
+from inference.params import knob_range
 from inference.settings import Settings
 
-TOP_K_SLIDER_MAX = 200
-REPETITION_PENALTY_SLIDER_MAX = min(2.0, MAX_REPETITION_PENALTY)
+# The sliders show the useful part of a knob's range (inference/params.py has the whole of it).
+TOP_P_SLIDER_MIN = 0.05
+TOP_K_SLIDER_MAX = min(200, int(knob_range("top_k")[1]))
+REPETITION_PENALTY_SLIDER_MIN = 0.5
+REPETITION_PENALTY_SLIDER_MAX = min(2.0, knob_range("repetition_penalty")[1])
 PRESET_NAMES = ("precise", "balanced", "creative")
 EXAMPLES = (
     "Explain what a large language model is in two sentences.",
@@ -80,38 +84,52 @@ class Playground:
     stop_strings: gr.Textbox
 
     @property
-    def sampling(self) -> list[gr.components.Component]:
-        """Every sampling input of the playground's chat and completion, in `Handlers.respond`'s order."""
-        return [
-            self.temperature, self.top_p, self.top_k, self.max_length,
-            self.repetition_penalty, self.seed, self.stop_strings,
-        ]  # fmt: skip
+    def knobs(self) -> dict[str, gr.components.Component]:
+        """The sampling inputs of the playground's chat and completion, by knob name (inference/params.py): the one
+        place where a slider meets its knob."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_new_tokens": self.max_length,
+            "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
+            "stop": self.stop_strings,
+        }
+
+    def knob_values(self, inputs: dict[gr.components.Component, Any]) -> dict[str, Any]:
+        """The knobs' values, by knob name, out of an event's inputs (given as a set, they arrive as a dict)."""
+        return {knob: inputs[component] for knob, component in self.knobs.items()}
 
 
 def draw_parameters(settings: Settings) -> tuple[gr.Slider, gr.Slider, gr.Slider, gr.Slider]:
     temperature = gr.Slider(
-        0, MAX_TEMPERATURE, value=settings.default_temperature, step=0.05, label="temperature",
+        *knob_range("temperature"), value=settings.default_temperature, step=0.05, label="temperature",
         info="0 = greedy (always the likeliest token)", elem_id="temperature",
     )  # fmt: skip
-    top_p = gr.Slider(0.05, 1, value=settings.default_top_p, step=0.01, label="top_p", info="1 = off", elem_id="top_p")
+    top_p = gr.Slider(
+        TOP_P_SLIDER_MIN, knob_range("top_p")[1], value=settings.default_top_p, step=0.01, label="top_p",
+        info="1 = off", elem_id="top_p",
+    )  # fmt: skip
     top_k = gr.Slider(
-        0, TOP_K_SLIDER_MAX, value=min(settings.default_top_k, TOP_K_SLIDER_MAX), step=1, label="top_k",
-        info="0 = off", elem_id="top_k",
+        knob_range("top_k")[0], TOP_K_SLIDER_MAX, value=min(settings.default_top_k, TOP_K_SLIDER_MAX), step=1,
+        label="top_k", info="0 = off", elem_id="top_k",
     )  # fmt: skip
     max_length = gr.Slider(
-        1, settings.max_new_tokens, value=min(settings.default_max_new_tokens, settings.max_new_tokens), step=1,
-        label="max_length", info="most new tokens", elem_id="max_length",
+        knob_range("max_new_tokens")[0], settings.max_new_tokens,
+        value=min(settings.default_max_new_tokens, settings.max_new_tokens), step=1, label="max_length",
+        info="most new tokens", elem_id="max_length",
     )  # fmt: skip
     return temperature, top_p, top_k, max_length
 
 
 def draw_advanced(settings: Settings) -> tuple[gr.Slider, gr.Number, gr.Textbox]:
     repetition_penalty = gr.Slider(
-        0.5, REPETITION_PENALTY_SLIDER_MAX, value=1.0, step=0.05, label="repetition penalty",
+        REPETITION_PENALTY_SLIDER_MIN, REPETITION_PENALTY_SLIDER_MAX, value=1.0, step=0.05, label="repetition penalty",
         info="1 = off; above 1 discourages repeating tokens", elem_id="repetition_penalty",
     )  # fmt: skip
     seed = gr.Number(
-        value=None, precision=0, minimum=0, label="seed", placeholder="random",
+        value=None, precision=0, minimum=knob_range("seed")[0], label="seed", placeholder="random",
         info="empty = random; a seed makes sampling repeatable", elem_id="seed",
     )  # fmt: skip
     stop_strings = gr.Textbox(
