@@ -170,7 +170,7 @@ def gradio_error_handlers() -> dict[Any, Any]:
             message = "; ".join(f"`{verdict.get('parameter_name')}`: {verdict.get('message')}" for verdict in failed)
             param = str(failed[0].get("parameter_name"))
         else:
-            message, param = str(detail), None
+            message, param = str(detail), getattr(error, "param", None)
         log_refusal(request, error.status_code, message)
         body = error_body(error.status_code, message, "invalid_request_error", param)
         body["detail"] = _printable_json(detail)

@@ -310,3 +310,25 @@ def test_public_events_cannot_skip_the_queue(http: httpx.Client, name: str) -> N
     queued = http.post(f"/gradio_api/call/{name}", json={"data": data})
     assert queued.status_code == 200
     assert "event_id" in queued.json()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"data": ["Hello"], "fn_index": 10_000, "session_hash": "fresh-session"},  # no such event
+        {"data": ["Hello"], "fn_index": -1, "session_hash": "fresh-session"},
+        {"data": ["Hello"], "fn_index": 2**40, "session_hash": "fresh-session"},
+    ],
+)
+def test_joining_the_queue_for_an_unknown_event_is_a_4xx_in_the_error_shape(http: httpx.Client, body: Any) -> None:
+    response = http.post("/gradio_api/queue/join", json=body)
+    error = assert_error(response, 422)
+    assert error["param"] == "fn_index"
+    assert "no event" in error["message"]
+
+
+@pytest.mark.parametrize("name", ["no_such_endpoint", "respond", "model_info"])
+def test_calling_an_unknown_or_private_endpoint_is_a_4xx(http: httpx.Client, name: str) -> None:
+    response = http.post(f"/gradio_api/call/{name}", json={"data": ["Hello"]})
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    assert response.json()["error"]["code"] == response.status_code

@@ -10,7 +10,7 @@ import gradio as gr
 from inference.engine import EngineFrontEnd
 from inference.settings import Settings
 from ui.events import wire
-from ui.gradio_fixes import Blocks, unbatch_validators
+from ui.gradio_fixes import Blocks, refuse_unknown_events, unbatch_validators
 from ui.handlers import Handlers
 from ui.layout import CSS, THEME, draw
 
@@ -22,6 +22,7 @@ GRADIO_SESSIONS_KEPT = 200
 
 def build_ui(engine: EngineFrontEnd, settings: Settings) -> gr.Blocks:
     unbatch_validators()
+    refuse_unknown_events()
     # Gradio deletes the files it made for this app once they are an hour old, and all of them at shutdown.
     with Blocks(title="LLM playground", delete_cache=(GRADIO_CACHE_SWEEP_S, GRADIO_CACHE_SWEEP_S)) as demo:
         playground = draw(settings)
