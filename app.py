@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None, engine: EngineFrontEnd | None =
     app.include_router(openai_router, dependencies=protected)
     app.router.routes.extend([ApiFallback(), NoUploads()])
     # Mounted last: routes added after a mount at "/" would be shadowed by it.
-    return gr.mount_gradio_app(
+    gr.mount_gradio_app(
         app,
         build_ui(engine, settings),
         path="/",
@@ -90,6 +90,7 @@ def create_app(settings: Settings | None = None, engine: EngineFrontEnd | None =
         auth_message="This server needs its API key: any user name, the key as password.",
         app_kwargs={"exception_handlers": gradio_error_handlers()},
     )
+    return app
 
 
 def _start_engine(engine: EngineFrontEnd) -> None:

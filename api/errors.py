@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -57,7 +58,7 @@ def status_for(error: EngineError) -> int:
 
 
 def error_response(
-    status: int, message: str, error_type: str, param: str | None = None, headers: dict[str, str] | None = None
+    status: int, message: str, error_type: str, param: str | None = None, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     return JSONResponse(error_body(status, message, error_type, param), status_code=status, headers=headers)
 
@@ -164,8 +165,9 @@ def gradio_error_handlers() -> dict[Any, Any]:
 
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         detail = error.detail
-        verdicts = detail if isinstance(detail, list) else []
+        verdicts: list[Any] = detail if isinstance(detail, list) else []
         failed = [verdict for verdict in verdicts if isinstance(verdict, dict) and verdict.get("is_valid") is False]
+        param: str | None
         if failed:  # /generate's validator: one verdict per parameter
             message = "; ".join(f"`{verdict.get('parameter_name')}`: {verdict.get('message')}" for verdict in failed)
             param = str(failed[0].get("parameter_name"))

@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.sse import EventSourceResponse
@@ -46,7 +47,9 @@ from inference.settings import Settings
 
 router = APIRouter(route_class=AuthFirstRoute, prefix="/v1", tags=["openai"])
 STARTED = int(time.time())
-RESPONSES = {status: ERROR_RESPONSES[status] for status in (404, 413, 422, 429, 503, 504)}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: ERROR_RESPONSES[status] for status in (404, 413, 422, 429, 503, 504)
+}
 DONE = "[DONE]"
 
 

@@ -75,8 +75,11 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+HealthStatus = Literal["ok", "loading", "failed", "starting", "draining", "stopped"]
+
+
 class HealthResponse(BaseModel):
-    status: Literal["ok", "loading", "failed", "starting", "draining", "stopped"]
+    status: HealthStatus
     model_id: str
     reason: str | None = None
 

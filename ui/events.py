@@ -86,7 +86,8 @@ def wire(ui: Playground, handlers: Handlers, settings: Settings) -> None:
     ]  # fmt: skip
     # Cancelling a reply closes the handler's stream, which cancels the request inside the engine: Stop frees the
     # model at once, and so do Undo and Clear when they interrupt a reply.
-    ui.stop.click(None, None, None, cancels=replies, **quick)
+    # Gradio's annotation says dicts; `cancels` takes the listeners' Dependency objects, as its docs show
+    ui.stop.click(None, None, None, cancels=replies, **quick)  # type: ignore[arg-type]
     gr.on(
         [ui.undo.click, ui.chatbot.undo], handlers.undo, [ui.chatbot], [ui.chatbot, ui.message, ui.chat_stats],
         cancels=replies, **quick,
