@@ -63,7 +63,7 @@ def _known_fn(blocks: GradioBlocks, api_name: str | None, body: PredictBody) -> 
         raise unknown_name from None
     except KeyError:  # the lookup of `fn_index` among the app's (or the session's) events
         raise UnknownEventError(422, f"There is no event with `fn_index` {body.fn_index} here.", "fn_index") from None
-    if api_name is not None and fn.api_visibility == "private":
+    if body.fn_index is None and fn.api_visibility == "private":  # named, not numbered as the page does
         raise unknown_name
     return fn
 
