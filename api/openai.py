@@ -71,9 +71,14 @@ def usage_of(results: list[GenerationResult], prompt_tokens: int) -> OpenAIUsage
 
 
 def submit_all(
-    engine: EngineFrontEnd, settings: Settings, body: SamplingFields, prompts: list[PreparedPrompt],
-    max_tokens: int | None, request: Request, route: str,
-) -> list[RequestHandleBase]:  # fmt: skip
+    engine: EngineFrontEnd,
+    settings: Settings,
+    body: SamplingFields,
+    prompts: list[PreparedPrompt],
+    max_tokens: int | None,
+    request: Request,
+    route: str,
+) -> list[RequestHandleBase]:
     """One engine request per (prompt, choice); if one is refused, those already queued are cancelled."""
     handles: list[RequestHandleBase] = []
     try:
@@ -183,9 +188,12 @@ async def completions(
             for i, r in enumerate(results)
         ]
         return Completion(
-            id=completion_id, created=created, model=settings.model_id, choices=choices,
+            id=completion_id,
+            created=created,
+            model=settings.model_id,
+            choices=choices,
             usage=usage_of(results, prompt_tokens),
-        )  # fmt: skip
+        )
 
     async def events() -> AsyncIterator[str]:
         results: list[GenerationResult] = []
@@ -197,9 +205,12 @@ async def completions(
                 yield chunk(index, "", OPENAI_FINISH_REASONS[event.finish_reason]).model_dump_json(exclude_none=True)
         if body.include_usage:
             final = Completion(
-                id=completion_id, created=created, model=settings.model_id, choices=[],
+                id=completion_id,
+                created=created,
+                model=settings.model_id,
+                choices=[],
                 usage=usage_of(results, prompt_tokens),
-            )  # fmt: skip
+            )
             yield final.model_dump_json()
         yield DONE
 
@@ -233,9 +244,12 @@ async def chat_completions(
             for i, r in enumerate(results)
         ]
         return ChatCompletion(
-            id=completion_id, created=created, model=settings.model_id, choices=choices,
+            id=completion_id,
+            created=created,
+            model=settings.model_id,
+            choices=choices,
             usage=usage_of(results, prompt_tokens),
-        )  # fmt: skip
+        )
 
     async def events() -> AsyncIterator[str]:
         yield chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(len(handles))])

@@ -88,9 +88,12 @@ def test_a_listed_origin_may_call_the_api_and_no_other(cors_server: LiveServer) 
     with httpx.Client(base_url=cors_server.url, timeout=30, headers={"Host": PUBLIC_HOST}) as client:
         preflight = client.options(
             "/v1/chat/completions",
-            headers={"Origin": LISTED_ORIGIN, "Access-Control-Request-Method": "POST",
-                     "Access-Control-Request-Headers": "content-type, authorization"},
-        )  # fmt: skip
+            headers={
+                "Origin": LISTED_ORIGIN,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type, authorization",
+            },
+        )
         assert preflight.status_code == 200
         assert preflight.headers["access-control-allow-origin"] == LISTED_ORIGIN
         listed = client.get("/v1/models", headers={"Origin": LISTED_ORIGIN})
@@ -103,8 +106,17 @@ def test_a_listed_origin_may_call_the_api_and_no_other(cors_server: LiveServer) 
 
 # ----- paths and methods nobody serves ------------------------------------------------------------------------------
 
-UNKNOWN_PATHS = ["/v1", "/v1/nope", "/v1/chat", "/v1/chat/completions/x", "/generate/x", "/health/nope",
-                 "/model-info/x", "/metrics/x", "/tokenize/"]  # fmt: skip
+UNKNOWN_PATHS = [
+    "/v1",
+    "/v1/nope",
+    "/v1/chat",
+    "/v1/chat/completions/x",
+    "/generate/x",
+    "/health/nope",
+    "/model-info/x",
+    "/metrics/x",
+    "/tokenize/",
+]
 WRONG_METHODS = [
     ("GET", "/generate", "POST"),
     ("PUT", "/tokenize", "POST"),
@@ -202,8 +214,10 @@ def multipart_head(boundary: str, filename: str) -> bytes:
     ).encode()
 
 
-@pytest.mark.parametrize("path", ["/gradio_api/upload", "/gradio_api/upload/", "/gradio_api/process_recording",
-                                  "/gradio_api/component_server"])  # fmt: skip
+@pytest.mark.parametrize(
+    "path",
+    ["/gradio_api/upload", "/gradio_api/upload/", "/gradio_api/process_recording", "/gradio_api/component_server"],
+)
 def test_uploads_are_refused_and_leave_no_file(http: httpx.Client, server: LiveServer, path: str) -> None:
     upload_dir = Path(gradio_app(server).uploaded_file_dir)
     before = files_under(upload_dir)

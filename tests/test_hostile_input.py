@@ -400,9 +400,15 @@ def test_openai_routes_take_no_strings_or_booleans_for_numbers(server: LiveServe
             client.completions.create(model=model, prompt="Hi", extra_body={field: value})
         # the same parameters as the client's own types are fine
         reply = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0.5, n=2, seed=1,
-            top_p=0.5, stream=False,
-        )  # fmt: skip
+            model=model,
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=4,
+            temperature=0.5,
+            n=2,
+            seed=1,
+            top_p=0.5,
+            stream=False,
+        )
         assert len(reply.choices) == 2
 
 

@@ -69,33 +69,50 @@ def wire(ui: Playground, handlers: Handlers, settings: Settings) -> None:
         # However the reply ended (done, stopped or failed) the box takes input again. Gradio 6.31's page runs `.then`
         # listeners after success and cancellation but not after an error, hence `.failure` too.
         ended: dict[str, Any] = {
-            "fn": handlers.reply_ended, "inputs": [ui.reply_progress],
+            "fn": handlers.reply_ended,
+            "inputs": [ui.reply_progress],
             "outputs": [ui.message, ui.chat_stats, ui.reply_progress],
-        }  # fmt: skip
+        }
         reply.then(**ended, **quick)
         reply.failure(**ended, **quick)
         return reply
 
     replies = [
-        reply_after(gr.on([ui.message.submit, ui.send.click], handlers.add_user_message,
-                          [ui.message, ui.chatbot], turn_outputs, **quick)),
-        reply_after(gr.on([ui.regenerate.click, ui.chatbot.retry], handlers.regenerate,
-                          [ui.chatbot], turn_outputs, **quick)),
+        reply_after(
+            gr.on(
+                [ui.message.submit, ui.send.click],
+                handlers.add_user_message,
+                [ui.message, ui.chatbot],
+                turn_outputs,
+                **quick,
+            )
+        ),
+        reply_after(
+            gr.on([ui.regenerate.click, ui.chatbot.retry], handlers.regenerate, [ui.chatbot], turn_outputs, **quick)
+        ),
         reply_after(ui.chatbot.edit(handlers.edit, [ui.chatbot], turn_outputs, **quick)),
         reply_after(ui.chatbot.example_select(handlers.use_example, [ui.chatbot], turn_outputs, **quick)),
-    ]  # fmt: skip
+    ]
     # Cancelling a reply closes the handler's stream, which cancels the request inside the engine: Stop frees the
     # model at once, and so do Undo and Clear when they interrupt a reply.
     # Gradio's annotation says dicts; `cancels` takes the listeners' Dependency objects, as its docs show
     ui.stop.click(None, None, None, cancels=replies, **quick)  # type: ignore[arg-type]
     gr.on(
-        [ui.undo.click, ui.chatbot.undo], handlers.undo, [ui.chatbot], [ui.chatbot, ui.message, ui.chat_stats],
-        cancels=replies, **quick,
-    )  # fmt: skip
+        [ui.undo.click, ui.chatbot.undo],
+        handlers.undo,
+        [ui.chatbot],
+        [ui.chatbot, ui.message, ui.chat_stats],
+        cancels=replies,
+        **quick,
+    )
     gr.on(
-        [ui.clear.click, ui.chatbot.clear], handlers.clear, None, [ui.chatbot, ui.message, ui.chat_stats],
-        cancels=replies, **quick,
-    )  # fmt: skip
+        [ui.clear.click, ui.chatbot.clear],
+        handlers.clear,
+        None,
+        [ui.chatbot, ui.message, ui.chat_stats],
+        cancels=replies,
+        **quick,
+    )
 
     # ----- completion ---------------------------------------------------------------------------------------------
     completion = ui.complete.click(
@@ -118,8 +135,11 @@ def wire(ui: Playground, handlers: Handlers, settings: Settings) -> None:
     # Moving a slider by hand leaves the preset: none is selected any more.
     gr.on(
         [slider.input for slider in preset_sliders],
-        handlers.leave_preset, None, [ui.preset], **quick,
-    )  # fmt: skip
+        handlers.leave_preset,
+        None,
+        [ui.preset],
+        **quick,
+    )
 
     # ----- model panel --------------------------------------------------------------------------------------------
     ui.refresh_model_info.click(handlers.model_info, None, [ui.model_info, ui.model_info_json], **quick)
