@@ -19,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from api.auth import playground_auth, require_api_key
 from api.errors import gradio_error_handlers, install_error_handlers
 from api.fallback import ApiFallback
+from api.gradio_streams import UnknownStreams
 from api.health import router as health_router
 from api.metrics import HttpMetricsMiddleware, Metrics
 from api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
@@ -75,11 +76,12 @@ def create_app(settings: Settings | None = None, engine: EngineFrontEnd | None =
     protected = [Depends(require_api_key)]
     app.include_router(router, dependencies=protected)
     app.include_router(openai_router, dependencies=protected)
-    app.router.routes.extend([ApiFallback(), NoUploads()])
+    playground = build_ui(engine, settings)
+    app.router.routes.extend([ApiFallback(), NoUploads(), UnknownStreams(playground)])
     # Mounted last: routes added after a mount at "/" would be shadowed by it.
     gr.mount_gradio_app(
         app,
-        build_ui(engine, settings),
+        playground,
         path="/",
         # Only gr.Error messages (written for people) reach clients; any other exception shows as a plain "Error"
         # rather than Python's words for it.

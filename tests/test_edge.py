@@ -346,3 +346,19 @@ def test_calling_an_unknown_or_private_endpoint_is_a_4xx(http: httpx.Client, nam
     response = http.post(f"/gradio_api/call/{name}", json={"data": ["Hello"]})
     assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
     assert response.json()["error"]["code"] == response.status_code
+
+
+@pytest.mark.parametrize(
+    "path", ["/gradio_api/queue/data?session_hash=nobody-here", "/gradio_api/call/generate/no-such-event"]
+)
+def test_a_stream_for_an_unknown_session_or_event_is_a_404_in_the_error_shape(http: httpx.Client, path: str) -> None:
+    error = assert_error(http.get(path), 404)
+    assert "queue" in error["message"] or "event" in error["message"]
+
+
+def test_a_stream_for_a_queued_event_still_streams(http: httpx.Client) -> None:
+    joined = http.post("/gradio_api/call/generate", json={"data": ["Hello", 4, 0.0, 0.95, 50]})
+    assert joined.status_code == 200, joined.text
+    streamed = http.get(f"/gradio_api/call/generate/{joined.json()['event_id']}")
+    assert streamed.status_code == 200
+    assert "event: complete" in streamed.text
