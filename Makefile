@@ -40,7 +40,7 @@ chromium:
 lint: setup-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy inference
+	$(VENV)/bin/mypy inference api ui serving app.py
 
 test: setup-dev model lint chromium
 	$(OFFLINE) $(PY) -m pytest

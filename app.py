@@ -20,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from api.auth import playground_auth, require_api_key
 from api.errors import gradio_error_handlers, install_error_handlers
 from api.fallback import ApiFallback
+from api.gradio_streams import UnknownStreams
 from api.health import router as health_router
 from api.metrics import HttpMetricsMiddleware, Metrics
 from api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
@@ -46,7 +47,6 @@ def create_app(
     import gradio as gr
 
     from ui import CSS, THEME, build_ui
-    from ui.handlers import Handlers
 
     settings = settings or get_settings()
     engine = engine or Engine(settings)
@@ -72,7 +72,6 @@ def create_app(
     app.state.engine = engine
     app.state.settings = settings
     app.state.metrics = Metrics(engine)
-    app.state.ui_handlers = Handlers(engine, settings)
     app.state.auth_backoff = FailureBackoff()
     install_error_handlers(app)
     # Added innermost first: request ids and metrics see every request, even one refused for its size.
@@ -88,11 +87,12 @@ def create_app(
     protected = [Depends(require_api_key)]
     app.include_router(router, dependencies=protected)
     app.include_router(openai_router, dependencies=protected)
-    app.router.routes.extend([ApiFallback(), NoUploads()])
+    playground = build_ui(engine, settings)
+    app.router.routes.extend([ApiFallback(), NoUploads(), UnknownStreams(playground)])
     # Mounted last: routes added after a mount at "/" would be shadowed by it.
-    return gr.mount_gradio_app(
+    gr.mount_gradio_app(
         app,
-        build_ui(engine, settings, app.state.ui_handlers),
+        playground,
         path="/",
         # Only gr.Error messages (written for people) reach clients; any other exception shows as a plain "Error"
         # rather than Python's words for it.
@@ -103,6 +103,7 @@ def create_app(
         auth_message="This server needs its API key: any user name, the key as password.",
         app_kwargs={"exception_handlers": gradio_error_handlers()},
     )
+    return app
 
 
 def _start_engine(engine: EngineClient, started: float | None = None) -> None:

@@ -53,8 +53,9 @@ class ConnectionGuard:
             if self.shed == 1 or self.shed % 1000 == 0:  # an attack is worth a line in the log, not one per socket
                 logger.warning(
                     "MAX_CONNECTIONS=%d reached: closed the longest-idle connection to make room (%d so far)",
-                    self.max_connections, self.shed,
-                )  # fmt: skip
+                    self.max_connections,
+                    self.shed,
+                )
 
 
 class GuardedProtocol(HttpToolsProtocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.protocol import ErrorResponse
 from inference.errors import (
     EngineError,
     GenerationError,
@@ -20,7 +22,6 @@ from inference.errors import (
     RequestTimeoutError,
     UnknownModelError,
 )
-from inference.schemas import ErrorResponse
 from inference.text import printable, text_problem
 
 logger = logging.getLogger("api")
@@ -57,7 +58,7 @@ def status_for(error: EngineError) -> int:
 
 
 def error_response(
-    status: int, message: str, error_type: str, param: str | None = None, headers: dict[str, str] | None = None
+    status: int, message: str, error_type: str, param: str | None = None, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     return JSONResponse(error_body(status, message, error_type, param), status_code=status, headers=headers)
 
@@ -104,7 +105,7 @@ def _describe_validation_error(error: dict[str, Any]) -> tuple[str, str | None]:
     if error.get("type") == "extra_forbidden":
         return f"`{param}` is not a known parameter", param
     if error.get("type") in _TEXT_ERRORS:
-        # strict models refuse a lone surrogate before inference.schemas.Text sees it ("string_unicode")
+        # strict models refuse a lone surrogate before api.protocol.Text sees it ("string_unicode")
         if not location:
             return "A parameter's name is not valid Unicode text: it holds a lone surrogate.", None
         problem = text_problem(error.get("input")) or str(error.get("msg"))
@@ -164,13 +165,14 @@ def gradio_error_handlers() -> dict[Any, Any]:
 
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         detail = error.detail
-        verdicts = detail if isinstance(detail, list) else []
+        verdicts: list[Any] = detail if isinstance(detail, list) else []
         failed = [verdict for verdict in verdicts if isinstance(verdict, dict) and verdict.get("is_valid") is False]
+        param: str | None
         if failed:  # /generate's validator: one verdict per parameter
             message = "; ".join(f"`{verdict.get('parameter_name')}`: {verdict.get('message')}" for verdict in failed)
             param = str(failed[0].get("parameter_name"))
         else:
-            message, param = str(detail), None
+            message, param = str(detail), getattr(error, "param", None)
         log_refusal(request, error.status_code, message)
         body = error_body(error.status_code, message, "invalid_request_error", param)
         body["detail"] = _printable_json(detail)

@@ -50,7 +50,8 @@ class ApiFallback(BaseRoute):
         allowed = self.allowed_methods(scope)
         if allowed:
             raise HTTPException(
-                405, f"`{scope['method']}` is not allowed on `{path}`; it takes {', '.join(allowed)}.",
+                405,
+                f"`{scope['method']}` is not allowed on `{path}`; it takes {', '.join(allowed)}.",
                 headers={"Allow": ", ".join(allowed)},
-            )  # fmt: skip
+            )
         raise HTTPException(404, f"There is no `{path}` on this server; /docs lists the API.")

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from api.routes import EngineDep
+from api.deps import EngineDep
+from api.protocol import HealthResponse, HealthStatus
 from inference.client import EngineClient, EngineState
-from inference.schemas import HealthResponse
 from inference.settings import Settings
 
 router = APIRouter(tags=["service"])
-NOT_READY = {503: {"model": HealthResponse, "description": "Loading, failed to load, or shutting down."}}
+NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {"model": HealthResponse, "description": "Loading, failed to load, or shutting down."}
+}
 
 
 def public_model_name(settings: Settings) -> str:
@@ -25,13 +28,15 @@ def public_model_name(settings: Settings) -> str:
 def health_body(engine: EngineClient) -> tuple[HealthResponse, int]:
     """Open to anyone, even with API_KEY set: no file paths here (the log has the whole failure)."""
     ready = engine.ready
+    reason: str | None
     if engine.state is EngineState.FAILED:
         reason = "The model failed to load; the server log says why."
     elif engine.state is EngineState.DRAINING:
         reason = "The server is shutting down."
     else:
         reason = None if ready else f"The model is {engine.state.value}."
-    status = "ok" if ready else engine.state.value
+    # every state but READY is named in HealthStatus as it is
+    status = cast(HealthStatus, "ok" if ready else engine.state.value)
     body = HealthResponse(status=status, model_id=public_model_name(engine.settings), reason=reason)
     return body, 200 if ready else 503
 

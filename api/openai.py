@@ -6,18 +6,17 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.sse import EventSourceResponse
 
 from api.auth import AuthFirstRoute
+from api.deps import EngineDep, SettingsDep, request_id, timing_headers
 from api.errors import ERROR_RESPONSES
-from api.routes import EngineDep, SettingsDep, request_id, timing_headers
-from api.sse import sse_response
-from inference.client import EngineClient, GenerationResult, RequestHandleBase, TextChunk
-from inference.errors import EngineError, NotReadyError, UnknownModelError
-from inference.openai_schemas import (
+from api.openai_protocol import (
     OPENAI_FINISH_REASONS,
+    OPENAI_NAMES,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -33,12 +32,23 @@ from inference.openai_schemas import (
     OpenAIUsage,
     SamplingFields,
 )
+from api.sse import sse_response
+from inference.client import (
+    EngineClient,
+    GenerationResult,
+    RequestHandleBase,
+    TextChunk,
+    check_lengths,
+)
+from inference.errors import EngineError, NotReadyError, UnknownModelError
 from inference.prompts import PreparedPrompt
 from inference.settings import Settings
 
 router = APIRouter(route_class=AuthFirstRoute, prefix="/v1", tags=["openai"])
 STARTED = int(time.time())
-RESPONSES = {status: ERROR_RESPONSES[status] for status in (404, 413, 422, 429, 503, 504)}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: ERROR_RESPONSES[status] for status in (404, 413, 422, 429, 503, 504)
+}
 DONE = "[DONE]"
 
 
@@ -60,21 +70,28 @@ def usage_of(results: list[GenerationResult], prompt_tokens: int) -> OpenAIUsage
 
 
 def submit_all(
-    engine: EngineClient, settings: Settings, body: SamplingFields, prompts: list[PreparedPrompt],
-    max_tokens: int | None, request: Request, route: str,
-) -> list[RequestHandleBase]:  # fmt: skip
+    engine: EngineClient,
+    settings: Settings,
+    body: SamplingFields,
+    prompts: list[PreparedPrompt],
+    max_tokens: int | None,
+    request: Request,
+    route: str,
+) -> list[RequestHandleBase]:
     """One engine request per (prompt, choice); if one is refused, those already queued are cancelled."""
     handles: list[RequestHandleBase] = []
     try:
         for prompt in prompts:
             for choice in range(body.n):
                 params = body.sampling_params(settings, max_tokens, choice)
+                # the engine checks the lengths too, but under its own name for max_tokens
+                check_lengths(
+                    settings, engine.context_length, len(prompt.token_ids), params, OPENAI_NAMES["max_new_tokens"]
+                )
                 handles.append(engine.submit(prompt, params, request_id=request_id(request), route=route))
-    except EngineError as error:
+    except EngineError:
         for handle in handles:
             handle.cancel()
-        if error.param == "max_new_tokens":  # speak the client's language: OpenAI calls it max_tokens
-            error.param, error.message = "max_tokens", error.message.replace("max_new_tokens", "max_tokens")
         raise
     return handles
 
@@ -166,9 +183,12 @@ async def completions(
             for i, r in enumerate(results)
         ]
         return Completion(
-            id=completion_id, created=created, model=settings.model_id, choices=choices,
+            id=completion_id,
+            created=created,
+            model=settings.model_id,
+            choices=choices,
             usage=usage_of(results, prompt_tokens),
-        )  # fmt: skip
+        )
 
     async def events() -> AsyncIterator[str]:
         results: list[GenerationResult] = []
@@ -180,9 +200,12 @@ async def completions(
                 yield chunk(index, "", OPENAI_FINISH_REASONS[event.finish_reason]).model_dump_json(exclude_none=True)
         if body.include_usage:
             final = Completion(
-                id=completion_id, created=created, model=settings.model_id, choices=[],
+                id=completion_id,
+                created=created,
+                model=settings.model_id,
+                choices=[],
                 usage=usage_of(results, prompt_tokens),
-            )  # fmt: skip
+            )
             yield final.model_dump_json()
         yield DONE
 
@@ -216,9 +239,12 @@ async def chat_completions(
             for i, r in enumerate(results)
         ]
         return ChatCompletion(
-            id=completion_id, created=created, model=settings.model_id, choices=choices,
+            id=completion_id,
+            created=created,
+            model=settings.model_id,
+            choices=choices,
             usage=usage_of(results, prompt_tokens),
-        )  # fmt: skip
+        )
 
     async def events() -> AsyncIterator[str]:
         yield chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(len(handles))])

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.sse import EventSourceResponse
 
 from api.auth import AuthFirstRoute
+from api.deps import EngineDep, SettingsDep, request_id, timing_headers
 from api.errors import ERROR_RESPONSES
-from api.sse import sse_response
-from inference.client import EngineFrontEnd, GenerationResult, TextChunk
-from inference.errors import InvalidRequestError
-from inference.prompts import ChatMessage
-from inference.schemas import (
+from api.protocol import (
     GenerateRequest,
     GenerateResponse,
-    ModelInfo,
     StreamDone,
     StreamText,
     Timings,
@@ -25,29 +20,13 @@ from inference.schemas import (
     TokenizeResponse,
     Usage,
 )
-from inference.settings import Settings
+from api.sse import sse_response
+from inference.client import GenerationResult, TextChunk
+from inference.errors import InvalidRequestError
+from inference.prompts import ChatMessage
+from inference.schemas import ModelInfo
 
 router = APIRouter(route_class=AuthFirstRoute)
-
-
-# async, though they don't await: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request
-# (a tenth of the server's time on a request refused at once, measured with py-spy).
-async def get_engine(request: Request) -> EngineFrontEnd:
-    engine: EngineFrontEnd = request.app.state.engine
-    return engine
-
-
-async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def request_id(request: Request) -> str:
-    return str(getattr(request.state, "request_id", "-"))
-
-
-EngineDep = Annotated[EngineFrontEnd, Depends(get_engine)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 @router.get("/model-info", response_model=ModelInfo, responses={503: ERROR_RESPONSES[503]}, tags=["service"])
@@ -75,19 +54,6 @@ def to_response(result: GenerationResult, model: str) -> GenerateResponse:
             tokens_per_s=round(result.tokens_per_second, 2),
         ),
     )
-
-
-def timing_headers(results: list[GenerationResult]) -> dict[str, str]:
-    """TGI-style timing headers (for several choices: the slowest one's times, all choices' tokens)."""
-    generated = sum(result.completion_tokens for result in results)
-    inference = max(result.generation_seconds for result in results)
-    return {
-        "x-queue-time": f"{max(result.queue_seconds for result in results):.4f}",
-        "x-inference-time": f"{inference:.4f}",
-        "x-time-per-token": f"{inference / max(1, max(r.completion_tokens for r in results)):.4f}",
-        "x-prompt-tokens": str(results[0].prompt_tokens),
-        "x-generated-tokens": str(generated),
-    }
 
 
 STREAM_DESCRIPTION = (

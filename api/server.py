@@ -73,7 +73,8 @@ class DrainingServer(uvicorn.Server):
                     logger.info("Grace period over: %d requests still unfinished get 503", unfinished)
                 # fails what is left with NotReadyError, which the routes answer as 503 (or a last stream event)
                 await asyncio.to_thread(self.engine.shutdown)
-                end_gradio_streams(self.config.app)
+                if isinstance(self.config.app, FastAPI):  # the app handed to server_config, as it always is here
+                    end_gradio_streams(self.config.app)
                 self.should_exit = True
         return await super().on_tick(counter)
 

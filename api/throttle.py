@@ -58,7 +58,7 @@ class FailureBackoff:
         self.records: OrderedDict[str, _Record] = OrderedDict()  # least recently failed first
 
     def delay(self, failures: int) -> float:
-        return min(self.max_delay_s, self.first_delay_s * 2 ** (failures - 1))
+        return float(min(self.max_delay_s, self.first_delay_s * 2 ** (failures - 1)))
 
     async def admit(self, client: str) -> None:
         """Wait for this client's turn to have a key checked; raise TooManyFailuresError if that is too far off.

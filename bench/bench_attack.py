@@ -70,8 +70,14 @@ def latencies(url: str, count: int) -> list[float]:
 
 def start_server(stack: ExitStack, pids: list[int]) -> str:
     port = free_port()
-    environment = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-                   "LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}  # fmt: skip
+    environment = {
+        **os.environ,
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "LOG_LEVEL": "WARNING",
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
     server = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=environment)
     stack.callback(server.wait, 30)
     stack.callback(server.terminate)

@@ -34,8 +34,12 @@ def free_port() -> int:
 
 
 def one_request(url: str, index: int, tokens: int) -> int:
-    body = {"prompt": f"Write a short story about a city, number {index}.", "max_new_tokens": tokens,
-            "temperature": 1.0, "seed": index}  # fmt: skip
+    body = {
+        "prompt": f"Write a short story about a city, number {index}.",
+        "max_new_tokens": tokens,
+        "temperature": 1.0,
+        "seed": index,
+    }
     response = httpx.post(f"{url}/generate", json=body, timeout=600)
     response.raise_for_status()
     return int(response.json()["usage"]["completion_tokens"])

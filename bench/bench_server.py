@@ -376,9 +376,12 @@ def alone_versus_batched(dtype: str, threads: int) -> dict[str, Any]:
 
 def alone_versus_batched_in_subprocess(dtype: str, threads: int) -> dict[str, Any]:
     output = subprocess.run(
-        [sys.executable, __file__, "--agreement", dtype], capture_output=True, text=True, check=True,
+        [sys.executable, __file__, "--agreement", dtype],
+        capture_output=True,
+        text=True,
+        check=True,
         env={**os.environ, "TORCH_THREADS": str(threads)},
-    )  # fmt: skip
+    )
     return dict(json.loads(output.stdout.strip().splitlines()[-1]))
 
 

@@ -29,8 +29,10 @@ def measure(threads: int, clients: int, new_tokens: int) -> float:
 
     engine = Engine(Settings(torch_threads=threads, max_batch_size=max(clients, 1)))
     engine.start()
-    prompts = [engine.prepare_completion(f"Write a short note number {i} about the river and the town.") for i in
-               range(clients)]  # fmt: skip
+    prompts = [
+        engine.prepare_completion(f"Write a short note number {i} about the river and the town.")
+        for i in range(clients)
+    ]
     # EOS ignored: every run generates exactly new_tokens per request, so runs do the same work
     engine._eos_ids = set()
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
@@ -59,8 +61,11 @@ def main() -> int:
             for threads in (1, 2):
                 output = subprocess.run(
                     [sys.executable, __file__, str(threads), str(clients), str(new_tokens)],
-                    capture_output=True, text=True, check=True, cwd=ROOT,
-                )  # fmt: skip
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    cwd=ROOT,
+                )
                 value = float(output.stdout.strip().splitlines()[-1])
                 results.setdefault(f"{clients}:{threads}", []).append(value)
                 print(f"clients={clients} threads={threads}: {value:.1f} tokens/s", flush=True)

@@ -68,9 +68,13 @@ def main() -> int:
         if url is None:
             folder = build_tiny_model(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "tiny", "llama")
             settings = Settings(
-                model_id=str(folder), torch_threads=1, dtype="float32", max_new_tokens=16, max_input_tokens=64,
+                model_id=str(folder),
+                torch_threads=1,
+                dtype="float32",
+                max_new_tokens=16,
+                max_input_tokens=64,
                 model_cache_dir=Path(tempfile.gettempdir()) / "llm-serving-fuzz",
-            )  # fmt: skip
+            )
             url = stack.enter_context(serve(settings)).url
         sys.stderr = stderr  # type: ignore[assignment]
         started = time.perf_counter()

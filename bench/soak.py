@@ -165,13 +165,20 @@ def free_port() -> int:
 def serve(model: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     environment = {
-        **os.environ, "MODEL_ID": str(model), "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-        "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "MAX_INPUT_TOKENS": "512", "MAX_NEW_TOKENS": "64",
+        **os.environ,
+        "MODEL_ID": str(model),
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "MAX_INPUT_TOKENS": "512",
+        "MAX_NEW_TOKENS": "64",
         "LOG_LEVEL": "INFO",
-    }  # fmt: skip
+    }
     with log.open("wb") as out:
-        server = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=environment, stdout=out,
-                                  stderr=subprocess.STDOUT)  # fmt: skip
+        server = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=environment, stdout=out, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

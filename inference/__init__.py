@@ -1,4 +1,4 @@
-"""The model side of the server: settings, loading, the batching engine, parameters, schemas and errors.
+"""The model side of the server: settings, loading, the batching engine, parameters, what it reports and errors.
 
 It imports neither FastAPI nor Gradio.
 """

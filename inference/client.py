@@ -197,13 +197,15 @@ class EngineClient(abc.ABC):
                 logger.exception("Request observer failed")
 
 
-# The former name, still imported by api/routes.py and ui/handlers.py, which another branch is reshaping: renaming
-# their uses here would turn that merge's import conflicts into conflicts of substance. Drop it once both have merged.
-EngineFrontEnd = EngineClient
-
-
-def check_lengths(settings: Settings, context_length: int, prompt_tokens: int, params: SamplingParams) -> None:
-    """Refuse, before queueing, a prompt that is empty or too long, or that can't fit with its max_new_tokens."""
+def check_lengths(
+    settings: Settings,
+    context_length: int,
+    prompt_tokens: int,
+    params: SamplingParams,
+    length_name: str = "max_new_tokens",
+) -> None:
+    """Refuse, before queueing, a prompt that is empty or too long, or that can't fit with its max_new_tokens (which
+    the refusal calls `length_name`, the caller's name for it)."""
     if prompt_tokens == 0:
         raise InvalidRequestError("`prompt` cannot be empty", param="prompt")
     if prompt_tokens > settings.max_input_tokens:
@@ -211,14 +213,14 @@ def check_lengths(settings: Settings, context_length: int, prompt_tokens: int, p
     total = prompt_tokens + params.max_new_tokens
     if total > context_length:
         raise InvalidRequestError(
-            f"The prompt ({prompt_tokens} tokens) plus max_new_tokens ({params.max_new_tokens}) is {total} tokens, "
-            f"more than the model's context length of {context_length}. Lower max_new_tokens or shorten "
+            f"The prompt ({prompt_tokens} tokens) plus {length_name} ({params.max_new_tokens}) is {total} tokens, "
+            f"more than the model's context length of {context_length}. Lower {length_name} or shorten "
             "the prompt.",
-            param="max_new_tokens",
+            param=length_name,
         )
     if total > settings.max_batch_tokens:
         raise InvalidRequestError(
-            f"The prompt ({prompt_tokens} tokens) plus max_new_tokens ({params.max_new_tokens}) is {total} tokens, "
+            f"The prompt ({prompt_tokens} tokens) plus {length_name} ({params.max_new_tokens}) is {total} tokens, "
             f"more than this server's batch token budget of {settings.max_batch_tokens} (MAX_BATCH_TOKENS).",
-            param="max_new_tokens",
+            param=length_name,
         )

@@ -1,123 +1,13 @@
-"""Request and response shapes of the REST API (plain pydantic, so the engine's callers share one definition)."""
+"""What the engine itself reports: the loaded model, its weights and the limits this server enforces (/model-info).
+
+The HTTP request and response shapes live beside their routes, in api/protocol.py and api/openai_protocol.py.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
-
-from inference.errors import InvalidRequestError
-from inference.params import (
-    MAX_ADDITIVE_PENALTY,
-    MAX_REPETITION_PENALTY,
-    MAX_SEED,
-    MAX_TEMPERATURE,
-    MAX_TOP_K,
-    SamplingParams,
-    build_sampling_params,
-)
-from inference.settings import Settings
-from inference.text import text_problem
-
-# The body size cap (MAX_BODY_BYTES) bounds the prompt's length; this bounds a single field in characters.
-MAX_PROMPT_CHARS = 1_000_000
-
-
-def _text(value: str) -> str:
-    problem = text_problem(value)
-    if problem is not None:
-        raise PydanticCustomError("invalid_text", problem)
-    return value
-
-
-# A string that can be tokenized and written back as UTF-8 (no lone surrogates): every text field of every request.
-Text = Annotated[str, AfterValidator(_text)]
-
-
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, allow_inf_nan=False)
-
-    prompt: Text = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Text to continue; not empty.")
-    max_new_tokens: int | None = Field(
-        default=None,
-        ge=1,
-        validation_alias=AliasChoices("max_new_tokens", "max_length"),
-        description="Most tokens to generate (also accepted as `max_length`, the playground's name); capped by "
-        "MAX_NEW_TOKENS.",
-    )
-    temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE, description="0 means greedy.")
-    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K, description="0 turns top-k off.")
-    repetition_penalty: float | None = Field(default=None, gt=0, le=MAX_REPETITION_PENALTY)
-    presence_penalty: float | None = Field(default=None, ge=-MAX_ADDITIVE_PENALTY, le=MAX_ADDITIVE_PENALTY)
-    frequency_penalty: float | None = Field(default=None, ge=-MAX_ADDITIVE_PENALTY, le=MAX_ADDITIVE_PENALTY)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Same seed and parameters, same text.")
-    stop: Text | list[Text] | None = Field(default=None, description="Output ends before the first of these strings.")
-    stream: bool = Field(default=False, description="Answer with server-sent events as the text is generated.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_name_at_a_time(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "max_new_tokens" in data and "max_length" in data:
-            raise InvalidRequestError(
-                "give `max_new_tokens` or `max_length` (two names for the same parameter), not both", param="max_length"
-            )
-        return data
-
-    def sampling_params(self, settings: Settings) -> SamplingParams:
-        return build_sampling_params(
-            settings,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            seed=self.seed,
-            stop=self.stop,
-        )
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class Timings(BaseModel):
-    queue_s: float = Field(description="Waiting for a slot in the running batch.")
-    time_to_first_token_s: float
-    generation_s: float = Field(description="From joining the batch to the last token.")
-    total_s: float
-    tokens_per_s: float
-
-
-class GenerateResponse(BaseModel):
-    id: str
-    model: str
-    generated_text: str
-    finish_reason: Literal["length", "stop", "eos"]
-    usage: Usage
-    timings: Timings
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: int
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-class HealthResponse(BaseModel):
-    status: Literal["ok", "loading", "failed", "starting", "draining", "stopped"]
-    model_id: str
-    reason: str | None = None
+from pydantic import BaseModel, Field
 
 
 class ServerLimits(BaseModel):
@@ -163,43 +53,3 @@ class ModelInfo(BaseModel):
     has_chat_template: bool
     limits: ServerLimits
     version: str
-
-
-class StreamText(BaseModel):
-    """A server-sent event of a streaming /generate: new text, safe to show."""
-
-    type: Literal["text"] = "text"
-    text: str
-    completion_tokens: int
-
-
-class StreamDone(GenerateResponse):
-    """The last server-sent event of a streaming /generate: the whole text, finish reason, usage and timings."""
-
-    type: Literal["done"] = "done"
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    role: Literal["system", "user", "assistant"]
-    content: Text = Field(max_length=MAX_PROMPT_CHARS)
-
-
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    prompt: Text | None = Field(
-        default=None, max_length=MAX_PROMPT_CHARS, description="Plain text, as /generate sees it."
-    )
-    messages: list[Message] | None = Field(
-        default=None, min_length=1, description="A conversation, as /v1/chat/completions sees it (chat template)."
-    )
-
-
-class TokenizeResponse(BaseModel):
-    count: int
-    tokens: list[int]
-    pieces: list[str]
-    max_input_tokens: int
-    fits: bool = Field(description="Whether the prompt is within MAX_INPUT_TOKENS.")

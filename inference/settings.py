@@ -13,6 +13,17 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from inference.params import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    MaxNewTokens,
+    Temperature,
+    TopK,
+    TopP,
+)
+
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
@@ -92,11 +103,12 @@ class Settings(BaseSettings):
         default=7860, ge=1, le=65535, validation_alias=AliasChoices("GRADIO_SERVER_PORT", "server_port")
     )
 
-    # Defaults of the playground's sliders (the API's defaults too, where a request leaves them out).
-    default_temperature: float = Field(default=0.7, ge=0, le=2)
-    default_top_p: float = Field(default=0.95, gt=0, le=1)
-    default_top_k: int = Field(default=50, ge=0)
-    default_max_new_tokens: int = Field(default=128, ge=1)
+    # Defaults of the playground's sliders, and of every request that leaves the knob out (the OpenAI routes keep
+    # OpenAI's own). Their bounds and built-in values are the knobs' own (inference/params.py).
+    default_temperature: Temperature = DEFAULT_TEMPERATURE
+    default_top_p: TopP = DEFAULT_TOP_P
+    default_top_k: TopK = DEFAULT_TOP_K
+    default_max_new_tokens: MaxNewTokens = DEFAULT_MAX_NEW_TOKENS
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -4,6 +4,11 @@ the parameter, instead of failing deep inside tokenizing."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import AfterValidator
+from pydantic_core import PydanticCustomError
+
 from inference.errors import InvalidRequestError
 
 
@@ -31,6 +36,17 @@ def check_text(value: object, param: str) -> str:
         raise InvalidRequestError(f"`{param}` {problem}", param=param)
     assert isinstance(value, str)
     return value
+
+
+def _text(value: str) -> str:
+    problem = text_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("invalid_text", problem)
+    return value
+
+
+# A string that can be tokenized and written back as UTF-8 (no lone surrogates): every text field of every request.
+Text = Annotated[str, AfterValidator(_text)]
 
 
 def printable(text: str) -> str:

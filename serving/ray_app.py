@@ -18,12 +18,12 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import ray
+from fastapi import FastAPI
 from ray import serve
-from ray.serve import Application
-from ray.serve._private.http_util import ASGIAppReplicaWrapper
+from ray.serve import Application, Deployment
 from ray.serve.handle import DeploymentHandle
 
 from inference.client import EngineState, GenerationResult, TextChunk
@@ -70,7 +70,7 @@ def replica_settings() -> Settings:
 class EngineDeployment:
     """One engine replica: loads the model in its constructor, so Serve routes to it only once it can generate."""
 
-    def __init__(self, board: DeploymentHandle) -> None:
+    def __init__(self, board: DeploymentHandle[Any]) -> None:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.actor_name = ray.get_runtime_context().get_actor_name()
         self.engine = Engine(replica_settings())
@@ -161,18 +161,30 @@ class EngineDeployment:
 
 # No CPU reserved: it only tokenizes and relays, and must never wait for a CPU the engine replicas hold.
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
-class Ingress(ASGIAppReplicaWrapper):
-    """The single-process app, as is, with a RemoteEngine in place of the engine."""
+@serve.ingress()
+class Ingress:
+    """The single-process app, as is, with a RemoteEngine in place of the engine. Serve's late-bound ingress: the
+    app needs the handles this replica is built with, so Serve asks for it (`__serve_build_asgi_app__`) after the
+    constructor, on the replica, instead of taking one app at import time."""
 
-    def __init__(self, engine: DeploymentHandle, board: DeploymentHandle) -> None:
+    def __init__(self, engine: DeploymentHandle[Any], board: DeploymentHandle[Any]) -> None:
+        self._engine = engine
+        self._board = board
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
         from app import create_app  # here, not at import: engine replicas need no Gradio
         from serving.metrics import ReplicaCollector
 
         settings = Settings()
-        remote = RemoteEngine(settings, engine, board)
-        fastapi_app = create_app(settings, remote)  # type: ignore[arg-type]
+        remote = RemoteEngine(settings, self._engine, self._board)
+        fastapi_app = create_app(settings, remote)
         fastapi_app.state.metrics.registry.register(ReplicaCollector(remote))
-        super().__init__(fastapi_app)
+        return fastapi_app
+
+
+def deployment(decorated: object) -> Deployment:
+    """A class under `@serve.deployment` is a Deployment, which the type checker can't see through the decorator."""
+    return cast(Deployment, decorated)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -180,7 +192,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     `engine_num_cpus`. serve_config.yaml's `deployments:` entries override these defaults."""
     args = args or {}
     settings = Settings()
-    board = ReplicaBoard.bind()
+    board = deployment(ReplicaBoard).bind()
     engine_options: dict[str, Any] = {
         # Each replica takes up to a full batch plus its own queue; beyond that Serve queues at the caller.
         "max_ongoing_requests": settings.max_batch_size + settings.max_queue_size,
@@ -188,8 +200,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     }
     if "engine_num_cpus" in args:
         engine_options["ray_actor_options"] = {"num_cpus": float(args["engine_num_cpus"])}
-    engine = EngineDeployment.options(**engine_options).bind(board)
-    return Ingress.bind(engine, board)
+    engine = deployment(EngineDeployment).options(**engine_options).bind(board)
+    return deployment(Ingress).bind(engine, board)
 
 
 app = build_app()

@@ -104,14 +104,14 @@ class RemoteRequestHandle(RequestHandleBase):
                         self._response = self._start()
                         continue
                     if replica_gone(exc):
-                        error: EngineError = NotReadyError(
+                        failure: EngineError = NotReadyError(
                             "The engine replica serving this request went away (Ray Serve replaces it); retry."
                         )
                     else:
                         logger.error("request id=%s: engine replica call failed: %r", self.request_id, exc)
-                        error = GenerationError("Generation failed in the engine replica.")
-                    self._end(f"error:{error.type}", None)
-                    raise error from exc
+                        failure = GenerationError("Generation failed in the engine replica.")
+                    self._end(f"error:{failure.type}", None)
+                    raise failure from exc
         finally:
             self.cancel()
 

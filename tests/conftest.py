@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from inference.client import EngineClient, RequestHandleBase
 from inference.engine import Engine
+from inference.params import SamplingParams
+from inference.prompts import PreparedPrompt
 from inference.settings import Settings
 from tests.tiny_models import build_tiny_model
 
@@ -111,3 +115,25 @@ def http(server: LiveServer) -> Iterator[httpx.Client]:
     """An HTTP client for the test module's own `server` (each web-layer module starts the server it needs)."""
     with httpx.Client(base_url=server.url, timeout=60) as client:
         yield client
+
+
+@dataclass
+class Submission:
+    route: str
+    params: SamplingParams
+
+
+@pytest.fixture
+def submissions(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> list[Submission]:
+    """Every request the test module's `server` hands its engine from now on: the route and the sampling parameters,
+    as the engine receives them (what the playground and the Gradio endpoints send is observed there)."""
+    engine: EngineClient = server.app.state.engine
+    submit = engine.submit
+    seen: list[Submission] = []
+
+    def recording_submit(prompt: PreparedPrompt, params: SamplingParams, **options: Any) -> RequestHandleBase:
+        seen.append(Submission(options.get("route", "-"), params))
+        return submit(prompt, params, **options)
+
+    monkeypatch.setattr(engine, "submit", recording_submit)
+    return seen

@@ -114,8 +114,15 @@ def gradio_data(api: str, mix: Mix) -> st.SearchStrategy[Any]:
         positions = [words, st.integers(1, 16), st.floats(0, 2), st.floats(0.05, 1), st.integers(0, 100)]
     else:
         numbers_in_order = [st.floats(0, 2), st.floats(0.05, 1), st.integers(0, 100), st.integers(1, 16)]
-        positions = [words, conversation(["user", "assistant"], mix), words, *numbers_in_order, st.floats(0.5, 2),
-                     st.integers(0, 99), st.lists(words, max_size=3)]  # fmt: skip
+        positions = [
+            words,
+            conversation(["user", "assistant"], mix),
+            words,
+            *numbers_in_order,
+            st.floats(0.5, 2),
+            st.integers(0, 99),
+            st.lists(words, max_size=3),
+        ]
     valid = st.tuples(*(mix(position) for position in positions)).map(list)
     if mix is always:
         return valid

@@ -22,8 +22,8 @@ import torch
 
 from inference.engine import Engine
 from inference.settings import Settings
+from tests.conftest import Submission
 from tests.live_server import LiveServer, serve
-from ui.handlers import Handlers
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-dev.txt")
 Browser = playwright_sync.Browser
@@ -37,9 +37,14 @@ ARTIFACTS = ROOT / "test-artifacts"
 README_SCREENSHOT = ROOT / "docs" / "playground.png"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 # Random replies of the tiny model take many tokens once tokenized again: room for a short conversation.
@@ -96,11 +101,6 @@ def page(browser: Browser, server: LiveServer) -> Iterator[Page]:
 @pytest.fixture
 def engine(server: LiveServer) -> Engine:
     return server.app.state.engine
-
-
-@pytest.fixture
-def handlers(server: LiveServer) -> Handlers:
-    return server.app.state.ui_handlers
 
 
 @pytest.fixture
@@ -206,7 +206,7 @@ def _local(url: str, server: LiveServer) -> bool:
     return url.startswith((server.url, "data:", "blob:"))
 
 
-def test_every_parameter_reaches_the_server(page: Page, handlers: Handlers) -> None:
+def test_every_parameter_reaches_the_server(page: Page, submissions: list[Submission]) -> None:
     move_slider(page, "temperature", "Home", 3)  # 0.15
     move_slider(page, "top_p", "End", -2)  # 0.98
     move_slider(page, "top_k", "Home", 7)
@@ -218,8 +218,7 @@ def test_every_parameter_reaches_the_server(page: Page, handlers: Handlers) -> N
     expect(page.locator("#preset input:checked")).to_have_count(0)  # moved by hand: no preset applies any more
     send(page, "Hi")
     assert wait_for_stats(page) <= 12
-    params = handlers.last_params
-    assert params is not None
+    params = submissions[-1].params
     assert params.temperature == pytest.approx(0.15)
     assert params.top_p == pytest.approx(0.98)
     assert params.top_k == 7
@@ -229,14 +228,13 @@ def test_every_parameter_reaches_the_server(page: Page, handlers: Handlers) -> N
     assert params.stop == ("\n", "zzz")
 
 
-def test_a_preset_sets_the_sliders(page: Page, handlers: Handlers, server: LiveServer) -> None:
+def test_a_preset_sets_the_sliders(page: Page, submissions: list[Submission], server: LiveServer) -> None:
     page.locator("#preset").get_by_text("precise").click()
     expect(page.locator("#temperature input[type=number]")).to_have_value("0.2")
     expect(page.locator("#top_k input[type=number]")).to_have_value("20")
     send(page, "Hi")
     wait_for_stats(page)
-    params = handlers.last_params
-    assert params is not None
+    params = submissions[-1].params
     assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == pytest.approx(
         (0.2, 0.8, 20, 1.1)
     )
@@ -374,15 +372,14 @@ def test_a_waiting_request_shows_its_place_in_the_queue(
 # ----- completion and model panel -------------------------------------------------------------------------------------
 
 
-def test_completion_streams_with_stats(page: Page, handlers: Handlers) -> None:
+def test_completion_streams_with_stats(page: Page, submissions: list[Submission]) -> None:
     page.get_by_role("tab", name="Completion").click()
     move_slider(page, "max_length", "Home", 19)
     page.locator("#prompt textarea").fill("Once upon a time")
     page.locator("#generate").click()
     assert 0 < wait_for_stats(page, "#completion_stats") <= 20
     assert page.locator("#completion textarea").input_value()
-    assert handlers.last_params is not None
-    assert handlers.last_params.max_new_tokens == 20
+    assert [s.params.max_new_tokens for s in submissions] == [20]
 
 
 def test_model_panel_shows_model_info_as_a_table(page: Page) -> None:

@@ -88,9 +88,12 @@ def test_a_listed_origin_may_call_the_api_and_no_other(cors_server: LiveServer) 
     with httpx.Client(base_url=cors_server.url, timeout=30, headers={"Host": PUBLIC_HOST}) as client:
         preflight = client.options(
             "/v1/chat/completions",
-            headers={"Origin": LISTED_ORIGIN, "Access-Control-Request-Method": "POST",
-                     "Access-Control-Request-Headers": "content-type, authorization"},
-        )  # fmt: skip
+            headers={
+                "Origin": LISTED_ORIGIN,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type, authorization",
+            },
+        )
         assert preflight.status_code == 200
         assert preflight.headers["access-control-allow-origin"] == LISTED_ORIGIN
         listed = client.get("/v1/models", headers={"Origin": LISTED_ORIGIN})
@@ -103,8 +106,17 @@ def test_a_listed_origin_may_call_the_api_and_no_other(cors_server: LiveServer) 
 
 # ----- paths and methods nobody serves ------------------------------------------------------------------------------
 
-UNKNOWN_PATHS = ["/v1", "/v1/nope", "/v1/chat", "/v1/chat/completions/x", "/generate/x", "/health/nope",
-                 "/model-info/x", "/metrics/x", "/tokenize/"]  # fmt: skip
+UNKNOWN_PATHS = [
+    "/v1",
+    "/v1/nope",
+    "/v1/chat",
+    "/v1/chat/completions/x",
+    "/generate/x",
+    "/health/nope",
+    "/model-info/x",
+    "/metrics/x",
+    "/tokenize/",
+]
 WRONG_METHODS = [
     ("GET", "/generate", "POST"),
     ("PUT", "/tokenize", "POST"),
@@ -202,8 +214,10 @@ def multipart_head(boundary: str, filename: str) -> bytes:
     ).encode()
 
 
-@pytest.mark.parametrize("path", ["/gradio_api/upload", "/gradio_api/upload/", "/gradio_api/process_recording",
-                                  "/gradio_api/component_server"])  # fmt: skip
+@pytest.mark.parametrize(
+    "path",
+    ["/gradio_api/upload", "/gradio_api/upload/", "/gradio_api/process_recording", "/gradio_api/component_server"],
+)
 def test_uploads_are_refused_and_leave_no_file(http: httpx.Client, server: LiveServer, path: str) -> None:
     upload_dir = Path(gradio_app(server).uploaded_file_dir)
     before = files_under(upload_dir)
@@ -310,3 +324,41 @@ def test_public_events_cannot_skip_the_queue(http: httpx.Client, name: str) -> N
     queued = http.post(f"/gradio_api/call/{name}", json={"data": data})
     assert queued.status_code == 200
     assert "event_id" in queued.json()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"data": ["Hello"], "fn_index": 10_000, "session_hash": "fresh-session"},  # no such event
+        {"data": ["Hello"], "fn_index": -1, "session_hash": "fresh-session"},
+        {"data": ["Hello"], "fn_index": 2**40, "session_hash": "fresh-session"},
+    ],
+)
+def test_joining_the_queue_for_an_unknown_event_is_a_4xx_in_the_error_shape(http: httpx.Client, body: Any) -> None:
+    response = http.post("/gradio_api/queue/join", json=body)
+    error = assert_error(response, 422)
+    assert error["param"] == "fn_index"
+    assert "no event" in error["message"]
+
+
+@pytest.mark.parametrize("name", ["no_such_endpoint", "respond", "model_info"])
+def test_calling_an_unknown_or_private_endpoint_is_a_4xx(http: httpx.Client, name: str) -> None:
+    response = http.post(f"/gradio_api/call/{name}", json={"data": ["Hello"]})
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    assert response.json()["error"]["code"] == response.status_code
+
+
+@pytest.mark.parametrize(
+    "path", ["/gradio_api/queue/data?session_hash=nobody-here", "/gradio_api/call/generate/no-such-event"]
+)
+def test_a_stream_for_an_unknown_session_or_event_is_a_404_in_the_error_shape(http: httpx.Client, path: str) -> None:
+    error = assert_error(http.get(path), 404)
+    assert "queue" in error["message"] or "event" in error["message"]
+
+
+def test_a_stream_for_a_queued_event_still_streams(http: httpx.Client) -> None:
+    joined = http.post("/gradio_api/call/generate", json={"data": ["Hello", 4, 0.0, 0.95, 50]})
+    assert joined.status_code == 200, joined.text
+    streamed = http.get(f"/gradio_api/call/generate/{joined.json()['event_id']}")
+    assert streamed.status_code == 200
+    assert "event: complete" in streamed.text

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from inference.errors import InvalidRequestError
-from inference.params import MAX_SEED, SamplingParams, build_sampling_params
+from inference.params import MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K, SamplingParams, build_sampling_params, knob_range
 from inference.settings import Settings
 
 
@@ -161,3 +161,39 @@ def test_no_stop_strings_allowed_when_the_limit_is_zero() -> None:
     assert build_sampling_params(settings).stop == ()
     with pytest.raises(InvalidRequestError):
         build_sampling_params(settings, stop=["x"])
+
+
+def test_refusals_name_the_knob_as_the_caller_does(settings: Settings) -> None:
+    names = {"max_new_tokens": "max_tokens"}
+    with pytest.raises(InvalidRequestError) as caught:
+        build_sampling_params(settings, names=names, max_new_tokens=10**6)
+    assert caught.value.param == "max_tokens"
+    assert caught.value.message == "`max_tokens` must be between 1 and 256, got 1000000"
+    with pytest.raises(InvalidRequestError) as caught:
+        build_sampling_params(settings, names=names, max_new_tokens="12")
+    assert (caught.value.param, caught.value.message) == ("max_tokens", "`max_tokens` must be a number")
+
+
+def test_one_set_of_defaults() -> None:
+    """SamplingParams() samples as a request that gives no knob does, with the settings' built-in defaults."""
+    assert build_sampling_params(Settings()) == SamplingParams()
+
+
+def test_settings_defaults_keep_to_the_knobs_bounds() -> None:
+    with pytest.raises(ValueError, match="default_top_p"):
+        Settings(default_top_p=0)
+    with pytest.raises(ValueError, match="default_temperature"):
+        Settings(default_temperature=2.5)
+
+
+def test_knob_ranges_come_from_their_declarations() -> None:
+    assert knob_range("temperature") == (0, MAX_TEMPERATURE)
+    assert knob_range("top_p") == (0, 1)
+    assert knob_range("top_k") == (0, MAX_TOP_K)
+    assert knob_range("max_new_tokens") == (1, math.inf)  # capped by the MAX_NEW_TOKENS setting instead
+    assert knob_range("seed") == (0, MAX_SEED)
+
+
+def test_only_knobs_are_taken(settings: Settings) -> None:
+    with pytest.raises(TypeError, match="max_length"):
+        build_sampling_params(settings, max_length=5)

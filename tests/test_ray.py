@@ -249,8 +249,9 @@ def test_both_replicas_serve_and_metrics_aggregate(server: str) -> None:
     assert 'llm_engine_replicas{state="ready"} 2.0' in text
     assert "llm_requests_running " in text
     # the engine's outcomes, counted in the ingress as requests end (observers don't cross processes)
-    finished_here = re.findall(r'^llm_engine_requests_total\{outcome="(?:length|eos|stop)",route="/generate"\} (\S+)$',
-                               text, re.MULTILINE)  # fmt: skip
+    finished_here = re.findall(
+        r'^llm_engine_requests_total\{outcome="(?:length|eos|stop)",route="/generate"\} (\S+)$', text, re.MULTILINE
+    )
     assert sum(float(value) for value in finished_here) >= 16, finished_here
 
 

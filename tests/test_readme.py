@@ -37,9 +37,17 @@ def server(tiny_llama_dir: Path, make_settings: Any) -> Iterator[LiveServer]:
 def test_readme_has_examples_for_every_route_and_endpoint() -> None:
     text = "\n".join(CURL_EXAMPLES + PYTHON_EXAMPLES)
     for target in (
-        "/health", "/model-info", "/generate", "/tokenize", "/v1/chat/completions", "/v1/completions",
-        "OpenAI(", 'api_name="/generate"', 'api_name="/chat"', '"stream": true',
-    ):  # fmt: skip
+        "/health",
+        "/model-info",
+        "/generate",
+        "/tokenize",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "OpenAI(",
+        'api_name="/generate"',
+        'api_name="/chat"',
+        '"stream": true',
+    ):
         assert target in text, target
 
 

@@ -215,9 +215,13 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0() -> None:
         "GRADIO_ANALYTICS_ENABLED": "False",
     }
     server = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=environment, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [sys.executable, str(ROOT / "app.py")],
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: _healthy(url), timeout_s=240), "server did not start"
@@ -272,9 +276,12 @@ def test_sigterm_past_the_grace_period_answers_every_request_and_exits_0(tiny_ll
     """More work than the grace period holds: during it the server still answers (503 to new work, `draining`), at
     its end every unfinished request gets a 503 in the error shape or a last error event, and nothing is cut off."""
     environment = {
-        "MODEL_ID": str(tiny_llama_dir), "MAX_BATCH_SIZE": "1", "SHUTDOWN_GRACE_S": "3", "LOG_LEVEL": "INFO",
+        "MODEL_ID": str(tiny_llama_dir),
+        "MAX_BATCH_SIZE": "1",
+        "SHUTDOWN_GRACE_S": "3",
+        "LOG_LEVEL": "INFO",
         "TORCH_THREADS": "1",
-    }  # fmt: skip
+    }
     with app_process(environment) as (server, url):
         outcomes: dict[str, Any] = {}
 
@@ -295,9 +302,12 @@ def test_sigterm_past_the_grace_period_answers_every_request_and_exits_0(tiny_ll
         calls = [(f"json-{i}", "/generate", {"prompt": f"Story {i}:", "seed": i, **long}) for i in range(24)]
         calls += [
             ("rest-stream", "/generate", {"prompt": "Once upon a time", "stream": True, **long}),
-            ("openai-stream", "/v1/completions", {"model": tiny_llama_dir.name, "prompt": "Hi", "stream": True,
-                                                  "max_tokens": 480, "temperature": 1.0}),
-        ]  # fmt: skip
+            (
+                "openai-stream",
+                "/v1/completions",
+                {"model": tiny_llama_dir.name, "prompt": "Hi", "stream": True, "max_tokens": 480, "temperature": 1.0},
+            ),
+        ]
         threads = [threading.Thread(target=call, args=item) for item in calls]
         for thread in threads:
             thread.start()
@@ -366,6 +376,8 @@ def test_memory_levels_off_under_gradio_api_calls(tiny_llama_dir: Path) -> None:
             settled_mb = process.memory_info().rss / 2**20
             calls(client, 300)
             grown_mb = process.memory_info().rss / 2**20 - settled_mb
-    print(f"\nmemory: RSS {settled_mb:.0f} MB after {GRADIO_SESSIONS_KEPT + 100} Gradio API calls, {grown_mb:+.1f} MB "
-          "over the next 300")  # fmt: skip
+    print(
+        f"\nmemory: RSS {settled_mb:.0f} MB after {GRADIO_SESSIONS_KEPT + 100} Gradio API calls, {grown_mb:+.1f} MB "
+        "over the next 300"
+    )
     assert grown_mb < 8  # ~24 MB when every call's session was kept

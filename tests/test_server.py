@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,9 @@ from inference.engine import Engine
 from inference.errors import ModelNotFoundError
 from inference.loader import LoadedModel, load_model
 from inference.settings import Settings
+from tests.conftest import Submission
 from tests.live_server import LiveServer, serve
+from ui.events import GENERATE_CONCURRENCY
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -268,13 +271,75 @@ def test_gradio_chat_reports_an_over_long_prompt(gradio: Client) -> None:
         gradio.predict("fox " * 400, [], "", 0.0, 1.0, 0, 8, api_name="/chat")
 
 
-def test_concurrent_gradio_requests_are_batched(gradio: Client, server: LiveServer) -> None:
-    handlers = server.app.state.ui_handlers
-    handlers.generate_batch_sizes.clear()
+def test_concurrent_gradio_requests_are_batched(
+    gradio: Client, server: LiveServer, submissions: list[Submission]
+) -> None:
+    engine: Engine = server.app.state.engine
+    sizes_before = engine.stats.batch_sizes_seen.copy()
     prompts = [f"Request {i} about the quick brown fox" for i in range(8)]
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         futures = [pool.submit(gradio.predict, p, 200, 1.0, 1.0, 0, api_name="/generate") for p in prompts]
         results = [future.result() for future in futures]
     assert all(isinstance(result, str) for result in results)
-    assert sum(size * count for size, count in handlers.generate_batch_sizes.items()) == len(prompts)
-    assert max(handlers.generate_batch_sizes) >= 2, handlers.generate_batch_sizes
+    assert [s.route for s in submissions] == ["gradio:/generate"] * len(prompts)
+    # At most GENERATE_CONCURRENCY calls of /generate run at once: more rows than that in one decode step means
+    # Gradio's queue handed some call a batch of several requests.
+    sizes = engine.stats.batch_sizes_seen - sizes_before
+    assert max(sizes) > GENERATE_CONCURRENCY, sizes
+
+
+# ----- the playground's own events, spoken as the page speaks them --------------------------------------------------
+
+
+def page_event(http: httpx.Client, name: str) -> tuple[int, list[str]]:
+    """The fn_index of the playground's event `name` and its inputs' elem_ids, in the order the page sends them."""
+    config = http.get("/config").json()
+    elem_ids = {component["id"]: component.get("props", {}).get("elem_id") for component in config["components"]}
+    event = next(dependency for dependency in config["dependencies"] if dependency.get("api_name") == name)
+    return event["id"], [elem_ids[input_id] for input_id in event["inputs"]]
+
+
+def run_page_event(http: httpx.Client, name: str, values: dict[str, Any], session: str) -> list[Any]:
+    """Run a queued event of the page with its inputs by elem_id; the outputs of its last message."""
+    fn_index, inputs = page_event(http, name)
+    body = {"data": [values[elem_id] for elem_id in inputs], "fn_index": fn_index, "session_hash": session}
+    joined = http.post("/gradio_api/queue/join", json=body)
+    assert joined.status_code == 200, joined.text
+    with http.stream("GET", f"/gradio_api/queue/data?session_hash={session}") as response:
+        for line in response.iter_lines():
+            message = json.loads(line[6:]) if line.startswith("data: ") else {}
+            if message.get("msg") == "process_completed":
+                assert message["success"], message
+                return list(message["output"]["data"])
+    raise AssertionError("no process_completed message")
+
+
+def test_the_playground_chat_takes_every_slider_by_its_knob(http: httpx.Client, submissions: list[Submission]) -> None:
+    sliders = {
+        "temperature": 0.0,
+        "top_p": 0.5,
+        "top_k": 7,
+        "max_length": 5,
+        "repetition_penalty": 1.2,
+        "seed": 11,
+        "stop_strings": "zz\\n",
+    }
+    history = [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]  # as the page's Chatbot sends it
+    chatbot, stats, _, *_ = run_page_event(
+        http, "respond", {"chatbot": history, "system_prompt": "", **sliders}, session="knobs"
+    )
+    assert chatbot[-1]["role"] == "assistant"
+    assert "tokens" in stats
+    params = submissions[-1].params
+    assert (params.temperature, params.top_p, params.top_k, params.max_new_tokens) == (0.0, 0.5, 7, 5)
+    assert (params.repetition_penalty, params.seed, params.stop) == (1.2, 11, ("zz\n",))
+    assert submissions[-1].route == "gradio:playground"
+
+
+def test_the_pages_quick_events_still_run_by_number_but_not_by_name(http: httpx.Client) -> None:
+    fn_index, _ = page_event(http, "clear")
+    by_number = http.post("/gradio_api/run/clear", json={"data": [], "fn_index": fn_index, "session_hash": "quick"})
+    assert by_number.status_code == 200, by_number.text
+    assert by_number.json()["data"][0] == []
+    by_name = http.post("/gradio_api/call/clear", json={"data": []})
+    assert by_name.status_code == 404, by_name.text

@@ -7,13 +7,13 @@ the model goes through it, so Gradio shows the queue position while a request wa
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import gradio as gr
 from gradio.events import Dependency
 
 from inference.settings import Settings
-from ui.handlers import Handlers
+from ui.handlers import PRESET_KNOBS, Handlers
 from ui.layout import Playground
 
 # Gradio batches of /generate that may sit in the engine at once. With two, one batch decodes while the next
@@ -53,14 +53,14 @@ def wire(ui: Playground, handlers: Handlers, settings: Settings) -> None:
     )
 
     # ----- chat ---------------------------------------------------------------------------------------------------
-    turn_outputs = [ui.message, ui.chatbot, ui.chat_stats]
+    turn_outputs = [ui.message, ui.chatbot, ui.chat_stats, ui.reply_progress]
 
     def reply_after(start: Dependency) -> Dependency:
         """Stream the model's reply once `start` has put the user's turn into the conversation."""
         reply = start.success(
             handlers.respond,
-            inputs=[ui.chatbot, ui.system_prompt, *ui.sampling],
-            outputs=[ui.chatbot, ui.chat_stats, ui.message],
+            inputs={ui.chatbot, ui.system_prompt, *ui.knobs.values()},
+            outputs=[ui.chatbot, ui.chat_stats, ui.message, ui.reply_progress],
             api_visibility=PRIVATE,
             show_progress="minimal",
             show_progress_on=[ui.chatbot],
@@ -69,53 +69,77 @@ def wire(ui: Playground, handlers: Handlers, settings: Settings) -> None:
         # However the reply ended (done, stopped or failed) the box takes input again. Gradio 6.31's page runs `.then`
         # listeners after success and cancellation but not after an error, hence `.failure` too.
         ended: dict[str, Any] = {
-            "fn": handlers.reply_ended, "inputs": [ui.chat_stats], "outputs": [ui.message, ui.chat_stats],
-        }  # fmt: skip
+            "fn": handlers.reply_ended,
+            "inputs": [ui.reply_progress],
+            "outputs": [ui.message, ui.chat_stats, ui.reply_progress],
+        }
         reply.then(**ended, **quick)
         reply.failure(**ended, **quick)
         return reply
 
     replies = [
-        reply_after(gr.on([ui.message.submit, ui.send.click], handlers.add_user_message,
-                          [ui.message, ui.chatbot], turn_outputs, **quick)),
-        reply_after(gr.on([ui.regenerate.click, ui.chatbot.retry], handlers.regenerate,
-                          [ui.chatbot], turn_outputs, **quick)),
+        reply_after(
+            gr.on(
+                [ui.message.submit, ui.send.click],
+                handlers.add_user_message,
+                [ui.message, ui.chatbot],
+                turn_outputs,
+                **quick,
+            )
+        ),
+        reply_after(
+            gr.on([ui.regenerate.click, ui.chatbot.retry], handlers.regenerate, [ui.chatbot], turn_outputs, **quick)
+        ),
         reply_after(ui.chatbot.edit(handlers.edit, [ui.chatbot], turn_outputs, **quick)),
         reply_after(ui.chatbot.example_select(handlers.use_example, [ui.chatbot], turn_outputs, **quick)),
-    ]  # fmt: skip
+    ]
     # Cancelling a reply closes the handler's stream, which cancels the request inside the engine: Stop frees the
     # model at once, and so do Undo and Clear when they interrupt a reply.
-    ui.stop.click(None, None, None, cancels=replies, **quick)
+    # Gradio's annotation says dicts; `cancels` takes the listeners' Dependency objects, as its docs show
+    ui.stop.click(None, None, None, cancels=replies, **quick)  # type: ignore[arg-type]
     gr.on(
-        [ui.undo.click, ui.chatbot.undo], handlers.undo, [ui.chatbot], [ui.chatbot, ui.message, ui.chat_stats],
-        cancels=replies, **quick,
-    )  # fmt: skip
+        [ui.undo.click, ui.chatbot.undo],
+        handlers.undo,
+        [ui.chatbot],
+        [ui.chatbot, ui.message, ui.chat_stats],
+        cancels=replies,
+        **quick,
+    )
     gr.on(
-        [ui.clear.click, ui.chatbot.clear], handlers.clear, None, [ui.chatbot, ui.message, ui.chat_stats],
-        cancels=replies, **quick,
-    )  # fmt: skip
+        [ui.clear.click, ui.chatbot.clear],
+        handlers.clear,
+        None,
+        [ui.chatbot, ui.message, ui.chat_stats],
+        cancels=replies,
+        **quick,
+    )
 
     # ----- completion ---------------------------------------------------------------------------------------------
     completion = ui.complete.click(
         handlers.complete,
-        inputs=[ui.prompt, *ui.sampling],
-        outputs=[ui.completion, ui.completion_stats],
+        inputs={ui.prompt, *ui.knobs.values()},
+        outputs=[ui.completion, ui.completion_stats, ui.completion_progress],
         api_visibility=PRIVATE,
         show_progress="minimal",
         show_progress_on=[ui.completion],
         **streaming,
     )
-    completion.then(handlers.completion_ended, [ui.completion_stats], [ui.completion_stats], **quick)
-    completion.failure(handlers.completion_ended, [ui.completion_stats], [ui.completion_stats], **quick)
+    completion_ended = [ui.completion_stats, ui.completion_progress]
+    completion.then(handlers.completion_ended, [ui.completion_progress], completion_ended, **quick)
+    completion.failure(handlers.completion_ended, [ui.completion_progress], completion_ended, **quick)
     ui.stop_completion.click(None, None, None, cancels=[completion], **quick)
 
     # ----- parameters ---------------------------------------------------------------------------------------------
-    ui.preset.input(handlers.preset, [ui.preset], [ui.temperature, ui.top_p, ui.top_k, ui.repetition_penalty], **quick)
+    preset_sliders = [cast(gr.Slider, ui.knobs[knob]) for knob in PRESET_KNOBS]
+    ui.preset.input(handlers.preset, [ui.preset], preset_sliders, **quick)
     # Moving a slider by hand leaves the preset: none is selected any more.
     gr.on(
-        [slider.input for slider in (ui.temperature, ui.top_p, ui.top_k, ui.repetition_penalty)],
-        handlers.leave_preset, None, [ui.preset], **quick,
-    )  # fmt: skip
+        [slider.input for slider in preset_sliders],
+        handlers.leave_preset,
+        None,
+        [ui.preset],
+        **quick,
+    )
 
     # ----- model panel --------------------------------------------------------------------------------------------
     ui.refresh_model_info.click(handlers.model_info, None, [ui.model_info, ui.model_info_json], **quick)

@@ -7,101 +7,66 @@ also gets the engine's `GenerationResult`, for the tokens/s line under the conve
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
+from gradio.components import Component
 
-from inference.client import EngineFrontEnd, GenerationResult, TextChunk, check_lengths
+from inference.client import EngineClient, GenerationResult, TextChunk, check_lengths
 from inference.errors import EngineError, GenerationError, InvalidRequestError
 from inference.params import SamplingParams, build_sampling_params
-from inference.prompts import ChatMessage, PreparedPrompt
+from inference.prompts import PreparedPrompt
 from inference.schemas import ModelInfo
 from inference.settings import Settings
 from inference.text import check_text
-from ui.layout import TOP_K_SLIDER_MAX
+from ui import history as conversation
+from ui.history import History, parse_stop, split_last_turn, to_messages
+from ui.layout import TOP_K_SLIDER_MAX, Playground
 
 logger = logging.getLogger("ui")
-
-History = list[dict[str, Any]]
 
 # The stats line under a reply, while it is on its way and once it is done.
 WAITING = "Waiting for the model…"
 GENERATING = "Generating… {tokens} tokens"
-_GENERATING_COUNT = re.compile(r"^Generating… (\d+) tokens")
 FINISH_REASONS = {"length": "reached max_length", "eos": "end of reply", "stop": "stop string"}
 
-# Presets of the sampling sliders: (temperature, top_p, top_k, repetition penalty). "balanced" is the server's defaults.
-PRESETS: dict[str, tuple[float, float, int, float]] = {
-    "precise": (0.2, 0.8, 20, 1.1),
-    "creative": (1.1, 0.98, 100, 1.0),
+# The playground and the public Gradio endpoints call max_new_tokens `max_length`; refusals say so.
+UI_NAMES = {"max_new_tokens": "max_length"}
+
+# Presets of the sampling sliders, by knob name. "balanced" is the server's defaults.
+PRESET_KNOBS = ("temperature", "top_p", "top_k", "repetition_penalty")
+PRESETS: dict[str, dict[str, float]] = {
+    "precise": {"temperature": 0.2, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1},
+    "creative": {"temperature": 1.1, "top_p": 0.98, "top_k": 100, "repetition_penalty": 1.0},
 }
 
 
-HISTORY_SHAPE = '`history` must be a list of messages like {"role": "user", "content": "Hello"}'
 # The public /generate's inputs, in order: what its validator reports on, one verdict each.
 GENERATE_INPUTS = ("prompt", "max_length", "temperature", "top_p", "top_k")
 
 
-def flatten_content(content: Any) -> str:
-    """Gradio 6 Chatbot messages carry a list of typed parts (`{"type": "text", "text": ...}`); chat templates want a
-    plain string. Anything else is refused (a text model has no use for files), never turned into its repr."""
-    parts = content if isinstance(content, list) else [content]
-    texts = []
-    for part in parts:
-        text = part.get("text") if isinstance(part, dict) and part.get("type", "text") == "text" else part
-        if not isinstance(text, str):
-            raise InvalidRequestError(
-                f"{HISTORY_SHAPE}; a message's content is text or a list of text parts", param="history"
-            )
-        texts.append(check_text(text, "history"))
-    return "".join(texts)
+@dataclass(frozen=True)
+class ReplyProgress:
+    """How far the reply on its way has got, kept in a `gr.State` beside the stats line: what that line should say
+    if the reply stops now. `tokens` is None until the first token arrives; `running` is False once it ended."""
+
+    tokens: int | None = None
+    running: bool = True
 
 
-def history_turns(history: Any) -> History:
-    """The conversation so far, checked: a list of {"role": "user" | "assistant", "content": ...} messages."""
-    if history is None:
-        return []
-    if not isinstance(history, list) or not all(
-        isinstance(turn, dict) and turn.get("role") in ("user", "assistant") for turn in history
-    ):
-        raise InvalidRequestError(f"{HISTORY_SHAPE} (roles `user` and `assistant`)", param="history")
-    return history
+ENDED = ReplyProgress(running=False)
 
 
-def to_messages(system_prompt: str | None, history: History | None, message: str | None) -> list[ChatMessage]:
-    messages: list[ChatMessage] = []
-    if system_prompt is not None and check_text(system_prompt, "system_prompt").strip():
-        messages.append({"role": "system", "content": system_prompt.strip()})
-    for turn in history_turns(history):
-        messages.append({"role": turn["role"], "content": flatten_content(turn.get("content"))})
-    if message:
-        messages.append({"role": "user", "content": message})
-    return messages
-
-
-def parse_stop(text: str | None) -> list[str] | None:
-    """The "stop strings" box: one per line; `\\n` and `\\t` typed as two characters mean a newline and a tab."""
-    if text is None:
+def stopped_stats(progress: ReplyProgress | None) -> str | None:
+    """The stats line for a reply that ended while `progress` said it was running; None: keep the line as it is."""
+    if progress is None or not progress.running:
         return None
-    stops = [line.replace("\\n", "\n").replace("\\t", "\t") for line in check_text(text, "stop").splitlines() if line]
-    return stops or None
-
-
-def split_last_turn(history: History | None) -> tuple[History, str]:
-    """The conversation before the user's last message, and that message's text (empty if there is none)."""
-    turns = list(history_turns(history))
-    end = len(turns)
-    while end and turns[end - 1].get("role") != "user":
-        end -= 1
-    start = end
-    while start and turns[start - 1].get("role") == "user":
-        start -= 1
-    text = "\n".join(flatten_content(turn.get("content")) for turn in turns[start:end])
-    return turns[:start], text
+    if progress.tokens is None:
+        return "Stopped before the first token."
+    return f"Stopped after {progress.tokens} tokens."
 
 
 def format_stats(result: GenerationResult) -> str:
@@ -149,37 +114,15 @@ def format_model_info(info: ModelInfo, snapshot: dict[str, int]) -> str:
 class Handlers:
     """Bound to one engine; every method here is what an event listener or `gr.api` calls."""
 
-    def __init__(self, engine: EngineFrontEnd, settings: Settings) -> None:
+    def __init__(self, engine: EngineClient, settings: Settings, ui: Playground) -> None:
         self.engine = engine
         self.settings = settings
-        # How many requests each call of the batched /generate received (proof that Gradio's queue batches).
-        self.generate_batch_sizes: collections.Counter[int] = collections.Counter()
-        # The parameters of the latest request from any entry point here (the browser tests check the sliders).
-        self.last_params: SamplingParams | None = None
+        # the playground's components: its events send their inputs as a dict keyed by component
+        self.ui = ui
 
-    def sampling_params(
-        self,
-        max_length: float | None,
-        temperature: float | None,
-        top_p: float | None,
-        top_k: float | None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-    ) -> SamplingParams:
-        # No int() here: build_sampling_params says "must be an integer" to "12.5", "abc" or NaN, in words.
-        params = build_sampling_params(
-            self.settings,
-            max_new_tokens=max_length,  # type: ignore[arg-type]
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,  # type: ignore[arg-type]
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=stop,
-        )
-        self.last_params = params
-        return params
+    def sampling_params(self, **knobs: Any) -> SamplingParams:
+        """The knobs, by knob name, as sent (no int(): "12.5", "abc" or NaN are refused in words, not by a crash)."""
+        return build_sampling_params(self.settings, names=UI_NAMES, **knobs)
 
     async def _prepare_completion(self, prompt: str) -> PreparedPrompt:
         if check_text(prompt, "prompt") == "":
@@ -196,21 +139,19 @@ class Handlers:
         and never reaches, or fails, a batch of others. One verdict per input, in GENERATE_INPUTS order."""
         try:
             prepared = await self._prepare_completion(prompt)
-            params = self.sampling_params(max_length, temperature, top_p, top_k)
-            check_lengths(self.settings, self.engine.context_length, len(prepared.token_ids), params)
+            params = self.sampling_params(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k)
+            length_name = UI_NAMES["max_new_tokens"]
+            check_lengths(self.settings, self.engine.context_length, len(prepared.token_ids), params, length_name)
         except EngineError as error:
             failed = error.param if error.param in GENERATE_INPUTS else "prompt"
-            message = error.message
-            if error.param == "max_new_tokens":  # speak the caller's language: this endpoint calls it max_length
-                failed, message = "max_length", message.replace("`max_new_tokens`", "`max_length`")
-            return [gr.validate(name != failed, message if name == failed else "") for name in GENERATE_INPUTS]
+            return [gr.validate(name != failed, error.message if name == failed else "") for name in GENERATE_INPUTS]
         return [gr.validate(True, "") for _ in GENERATE_INPUTS]
 
     async def _complete_one(
         self, prompt: str, max_length: int, temperature: float, top_p: float, top_k: int
     ) -> GenerationResult | EngineError:
         try:
-            params = self.sampling_params(max_length, temperature, top_p, top_k)
+            params = self.sampling_params(max_new_tokens=max_length, temperature=temperature, top_p=top_p, top_k=top_k)
             return await self.engine.generate(await self._prepare_completion(prompt), params, route="gradio:/generate")
         except EngineError as error:
             return error
@@ -227,7 +168,6 @@ class Handlers:
         top_k: list[int],
     ) -> list[list[str]]:
         """Batched: Gradio hands over every waiting request at once; they all join the engine's running batch."""
-        self.generate_batch_sizes[len(prompt)] += 1
         outcomes = await asyncio.gather(
             *(
                 self._complete_one(*request)
@@ -271,7 +211,15 @@ class Handlers:
         """Stream the assistant's reply to `message` after `history`; each value is the reply so far."""
         reply = ""
         try:
-            params = self.sampling_params(max_length, temperature, top_p, top_k, repetition_penalty, seed, stop)
+            params = self.sampling_params(
+                max_new_tokens=max_length,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                repetition_penalty=repetition_penalty,
+                seed=seed,
+                stop=stop,
+            )
             async for event in self._stream_chat(message, history, system_prompt, params, "gradio:/chat"):
                 if isinstance(event, TextChunk):
                     reply += event.text
@@ -283,153 +231,140 @@ class Handlers:
 
     # ----- the playground's chat ----------------------------------------------------------------------------------
 
-    async def respond(
-        self,
-        history: History,
-        system_prompt: str,
-        temperature: float,
-        top_p: float,
-        top_k: float,
-        max_length: float,
-        repetition_penalty: float,
-        seed: int | None,
-        stop: str,
-    ) -> AsyncIterator[tuple[Any, str, Any]]:
+    def _playground_params(self, inputs: dict[Component, Any]) -> SamplingParams:
+        """The sampling sliders' values, by knob name; the stop-strings box holds one string a line."""
+        knobs = self.ui.knob_values(inputs)
+        return self.sampling_params(**{**knobs, "stop": parse_stop(knobs["stop"])})
+
+    async def respond(self, inputs: dict[Component, Any]) -> AsyncIterator[tuple[Any, str, Any, ReplyProgress]]:
         """Stream the reply to the last user turn into the conversation, with a live token count, then the stats.
-        Outputs: the conversation, the stats line, the message box (only touched when the request fails)."""
+        Outputs: the conversation, the stats line, the message box (only touched when the request fails), and the
+        reply's progress (for `reply_ended`, should the reply be stopped)."""
+        history, system_prompt = inputs[self.ui.chatbot], inputs[self.ui.system_prompt]
         earlier: History = []
         updated: History = []
         message = reply = ""
         try:
             earlier, message = split_last_turn(history)
             updated = [*history, {"role": "assistant", "content": ""}]
-            params = self.sampling_params(
-                max_length, temperature, top_p, top_k, repetition_penalty, seed, parse_stop(stop)
-            )
+            params = self._playground_params(inputs)
             async for event in self._stream_chat(message, earlier, system_prompt, params, "gradio:playground"):
                 if isinstance(event, TextChunk):
                     reply += event.text
                     updated[-1] = {"role": "assistant", "content": reply}
-                    yield updated, GENERATING.format(tokens=event.completion_tokens), gr.skip()
+                    progress = ReplyProgress(tokens=event.completion_tokens)
+                    yield updated, GENERATING.format(tokens=event.completion_tokens), gr.skip(), progress
                 else:
                     updated[-1] = {"role": "assistant", "content": reply}
-                    yield updated, format_stats(event), gr.skip()
+                    yield updated, format_stats(event), gr.skip(), ENDED
         except EngineError as error:
             # A toast rather than gr.Error: an error would cover the whole conversation with Gradio's error overlay.
             gr.Warning(error.message)
             if reply:  # failed midway (a timeout): keep what came, say why it ended
-                yield updated, f"Stopped: {error.message}", gr.skip()
+                yield updated, f"Stopped: {error.message}", gr.skip(), ENDED
             else:  # refused (too long, queue full): take the message back into the box, to shorten or resend
-                yield earlier, f"Not sent: {error.message}", message
+                yield earlier, f"Not sent: {error.message}", message, ENDED
+
+    # The quick steps before a reply: each returns the message box, the conversation, the stats line and the reply's
+    # progress (a new reply is waiting for its first token).
 
     @staticmethod
-    def add_user_message(message: str, history: History | None) -> tuple[Any, History, str]:
+    def add_user_message(message: str, history: History | None) -> tuple[Any, History, str, ReplyProgress]:
         try:
             if not check_text(message, "message").strip():
                 raise gr.Error("Type a message first.", print_exception=False)
-            turns = history_turns(history)
+            updated = conversation.with_user_message(history, message)
         except EngineError as error:
             raise gr.Error(error.message, print_exception=False) from error
-        return gr.update(value="", interactive=False), [*turns, {"role": "user", "content": message}], WAITING
+        return gr.update(value="", interactive=False), updated, WAITING, ReplyProgress()
 
     @staticmethod
-    def use_example(example: gr.SelectData, history: History | None) -> tuple[Any, History, str]:
+    def use_example(example: gr.SelectData, history: History | None) -> tuple[Any, History, str, ReplyProgress]:
         text = example.value.get("text", "") if isinstance(example.value, dict) else str(example.value)
         return Handlers.add_user_message(text, history)
 
     @staticmethod
-    def regenerate(history: History | None) -> tuple[Any, History, str]:
+    def regenerate(history: History | None) -> tuple[Any, History, str, ReplyProgress]:
         """Drop the last reply (the user's message stays) so that `respond` writes a new one."""
         try:
-            earlier, message = split_last_turn(history)
+            updated = conversation.regenerate(history)
         except EngineError as error:
             raise gr.Error(error.message, print_exception=False) from error
-        if not message:
-            raise gr.Error("There is no message to answer again yet.", print_exception=False)
-        return gr.update(interactive=False), [*earlier, {"role": "user", "content": message}], WAITING
+        return gr.update(interactive=False), updated, WAITING, ReplyProgress()
 
     @staticmethod
-    def edit(edited: gr.EditData, history: History) -> tuple[Any, History, str]:
+    def edit(edited: gr.EditData, history: History) -> tuple[Any, History, str, ReplyProgress]:
         """The user changed one of their messages: the conversation restarts from it."""
-        index = edited.index[0] if isinstance(edited.index, (list, tuple)) else edited.index
         try:
-            text = flatten_content(edited.value)
-            turns = history_turns(history)
+            earlier, text = conversation.edit(history, edited.index, edited.value)
         except EngineError as error:
             raise gr.Error(error.message, print_exception=False) from error
-        return Handlers.add_user_message(text, turns[: index if isinstance(index, int) else len(turns)])
+        return Handlers.add_user_message(text, earlier)
 
     @staticmethod
     def undo(history: History | None) -> tuple[History, str, str]:
         """Take back the last message and its reply; the message returns to the box, to edit and send again."""
         try:
-            earlier, message = split_last_turn(history)
+            earlier, message = conversation.undo(history)
         except EngineError as error:
             raise gr.Error(error.message, print_exception=False) from error
-        if not message:
-            return list(history or []), gr.skip(), ""
-        return earlier, message, ""
+        return earlier, gr.skip() if message is None else message, ""
 
     @staticmethod
     def clear() -> tuple[History, str, str]:
-        return [], "", ""
+        return conversation.clear(), "", ""
 
     @staticmethod
-    def reply_ended(stats: str) -> tuple[Any, str]:
+    def reply_ended(progress: ReplyProgress | None) -> tuple[Any, Any, ReplyProgress]:
         """After a reply, however it ended: the message box takes input again; a stopped reply says so."""
-        counted = _GENERATING_COUNT.match(stats or "")
-        if counted:
-            stats = f"Stopped after {counted.group(1)} tokens."
-        elif stats == WAITING:
-            stats = "Stopped before the first token."
-        return gr.update(interactive=True), stats
+        stats = stopped_stats(progress)
+        return gr.update(interactive=True), gr.skip() if stats is None else stats, ENDED
 
     # ----- completion ---------------------------------------------------------------------------------------------
 
-    async def complete(
-        self,
-        prompt: str,
-        temperature: float,
-        top_p: float,
-        top_k: float,
-        max_length: float,
-        repetition_penalty: float,
-        seed: int | None,
-        stop: str,
-    ) -> AsyncIterator[tuple[str, str]]:
-        """The playground's completion box: the prompt and its continuation stream in, then the stats."""
+    async def complete(self, inputs: dict[Component, Any]) -> AsyncIterator[tuple[str, str, ReplyProgress]]:
+        """The playground's completion box: the prompt and its continuation stream in, then the stats (and the
+        progress, for `completion_ended`)."""
         text = ""
         try:
-            params = self.sampling_params(
-                max_length, temperature, top_p, top_k, repetition_penalty, seed, parse_stop(stop)
-            )
-            prepared = await self._prepare_completion(prompt)
-            yield "", WAITING
+            params = self._playground_params(inputs)
+            prepared = await self._prepare_completion(inputs[self.ui.prompt])
+            yield "", WAITING, ReplyProgress()
             async for event in self.engine.stream(prepared, params, route="gradio:playground"):
                 if isinstance(event, TextChunk):
                     text += event.text
-                    yield text, GENERATING.format(tokens=event.completion_tokens)
+                    yield (
+                        text,
+                        GENERATING.format(tokens=event.completion_tokens),
+                        ReplyProgress(event.completion_tokens),
+                    )
                 else:
-                    yield text, format_stats(event)
+                    yield text, format_stats(event), ENDED
         except EngineError as error:
             gr.Warning(error.message)
-            yield text, f"{'Stopped' if text else 'Not sent'}: {error.message}"
+            yield text, f"{'Stopped' if text else 'Not sent'}: {error.message}", ENDED
 
     @staticmethod
-    def completion_ended(stats: str) -> str:
-        return Handlers.reply_ended(stats)[1]
+    def completion_ended(progress: ReplyProgress | None) -> tuple[Any, ReplyProgress]:
+        stats = stopped_stats(progress)
+        return gr.skip() if stats is None else stats, ENDED
 
     # ----- parameters and the model panel -------------------------------------------------------------------------
 
-    def preset(self, name: str | None) -> tuple[Any, Any, Any, Any]:
-        """The sliders a preset sets: temperature, top_p, top_k, repetition penalty."""
+    def preset(self, name: str | None) -> tuple[Any, ...]:
+        """The values of the sliders a preset sets, in PRESET_KNOBS order."""
+        values: dict[str, Any]
         if name == "balanced":
             settings = self.settings
-            top_k = min(settings.default_top_k, TOP_K_SLIDER_MAX)
-            return settings.default_temperature, settings.default_top_p, top_k, 1.0
-        if name in PRESETS:
-            return PRESETS[name]
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            values = {
+                "temperature": settings.default_temperature,
+                "top_p": settings.default_top_p,
+                "top_k": min(settings.default_top_k, TOP_K_SLIDER_MAX),
+                "repetition_penalty": 1.0,
+            }
+        else:
+            values = PRESETS.get(name or "", {})
+        return tuple(values.get(knob, gr.skip()) for knob in PRESET_KNOBS)
 
     @staticmethod
     def leave_preset() -> None:

@@ -9,19 +9,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from api.protocol import MAX_PROMPT_CHARS
 from inference.errors import InvalidRequestError
-from inference.params import (
-    MAX_ADDITIVE_PENALTY,
-    MAX_REPETITION_PENALTY,
-    MAX_SEED,
-    MAX_TEMPERATURE,
-    MAX_TOP_K,
-    SamplingParams,
-    build_sampling_params,
-)
+from inference.params import MAX_SEED, MaxNewTokens, SamplingParams, TokenChoiceKnobs, build_sampling_params
 from inference.prompts import ChatMessage
-from inference.schemas import MAX_PROMPT_CHARS, Text
 from inference.settings import Settings
+from inference.text import Text
 
 OPENAI_FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
@@ -37,25 +30,36 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
-    """What both OpenAI routes share; `top_k` and `repetition_penalty` are extras beyond OpenAI's set."""
+# OpenAI's names for knobs that have another name here: errors speak the client's language.
+OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
+# Where a client leaves a knob out, OpenAI's documented defaults apply here, not the server's (an explicit null gets
+# the server's); `top_k` and `repetition_penalty` are extras beyond OpenAI's set, off unless asked for.
+OPENAI_DEFAULTS = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+
+
+class SamplingFields(TokenChoiceKnobs):
+    """What both OpenAI routes share: the knobs of how tokens are picked (inference/params.py), and OpenAI's own."""
 
     model_config = STRICT
 
     model: Text
-    temperature: float | None = Field(default=1.0, ge=0, le=MAX_TEMPERATURE)
-    top_p: float | None = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1, description="Choices to generate; at most MAX_N.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Text | list[Text] | None = None
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    presence_penalty: float | None = Field(default=0.0, ge=-MAX_ADDITIVE_PENALTY, le=MAX_ADDITIVE_PENALTY)
-    frequency_penalty: float | None = Field(default=0.0, ge=-MAX_ADDITIVE_PENALTY, le=MAX_ADDITIVE_PENALTY)
     logit_bias: dict[str, float] | None = None
     user: Text | None = Field(default=None, description="Accepted for compatibility; not used.")
-    top_k: int | None = Field(default=0, ge=0, le=MAX_TOP_K, description="Extra: 0 turns top-k off.")
-    repetition_penalty: float | None = Field(default=1.0, gt=0, le=MAX_REPETITION_PENALTY, description="Extra.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_defaults(cls, data: Any) -> Any:
+        return {**OPENAI_DEFAULTS, **data} if isinstance(data, dict) else data
 
     def _refuse(self) -> list[tuple[str, str]]:
         """(parameter, why) for each value set that this server does not support."""
@@ -89,19 +93,10 @@ class SamplingFields(BaseModel):
             )
 
     def sampling_params(self, settings: Settings, max_tokens: int | None, choice: int) -> SamplingParams:
-        return build_sampling_params(
-            settings,
-            max_new_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            # choices of one request differ, yet the whole request stays reproducible with a seed
-            seed=None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1),
-            stop=self.stop,
-        )
+        knobs = self.knobs()
+        if self.seed is not None:  # choices of one request differ, yet the whole request stays reproducible
+            knobs["seed"] = (self.seed + choice) % (MAX_SEED + 1)
+        return build_sampling_params(settings, names=OPENAI_NAMES, max_new_tokens=max_tokens, **knobs)
 
     @property
     def include_usage(self) -> bool:
@@ -112,7 +107,7 @@ class CompletionRequest(SamplingFields):
     prompt: Text | list[Text] = Field(
         description="A prompt, or a list of prompts (one set of choices each; at most MAX_PROMPTS)."
     )
-    max_tokens: int | None = Field(default=16, ge=1, description="OpenAI's default is 16.")
+    max_tokens: MaxNewTokens | None = Field(default=16, description="OpenAI's default is 16.")
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -160,8 +155,8 @@ class ChatMessageIn(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1, description="OpenAI's newer name for max_tokens.")
+    max_tokens: MaxNewTokens | None = None
+    max_completion_tokens: MaxNewTokens | None = Field(default=None, description="OpenAI's newer name for max_tokens.")
     logprobs: bool | None = None
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
