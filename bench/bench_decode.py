@@ -1,6 +1,6 @@
 """The decode step alone, no server: milliseconds per step at batch 1 and 16, per forward pass and weight format.
 
-    python bench/bench_decode.py            # default model; prints a JSON line per batch size and a Markdown table
+    python bench/bench_decode.py            # default model; writes its section of docs/benchmarks.md
 
 Compares transformers' forward in float32 (what the engine used before) with the lean Llama forward in float32,
 float16 weights and int8 (each as TorchScript, and the last two also eager), each step timed in turn (interleaved,
@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import cpu_description, memory_bandwidth_gb_s  # noqa: E402
+from bench.report import replace_section  # noqa: E402
 from inference import batch as batching  # noqa: E402
 from inference.decoders import Decoder, TransformersDecoder, _factory  # noqa: E402
 from inference.fast_llama import LlamaDecoder  # noqa: E402
@@ -66,6 +67,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
+    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,14 +106,24 @@ def main() -> int:
                 times[name].append(time.perf_counter() - started)
         results["rows"][rows] = {name: round(statistics.median(t[3:]) * 1000, 2) for name, t in times.items()}
         print(json.dumps({"rows": rows, "ms_per_step": results["rows"][rows]}), flush=True)
-    print(f"\nCPU: {results['cpu']}; torch threads {threads}; memory bandwidth {bandwidth:.1f} GB/s\n")
-    print("| forward, weights | MB read per step | bound at batch 1 (ms) | batch 1 (ms) | % of bound | batch 16 (ms) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    lines = [
+        "## The decode step alone (`bench/bench_decode.py`)",
+        "",
+        f"On {results['cpu']}, torch threads {threads}, memory read bandwidth {bandwidth:.1f} GB/s: milliseconds per",
+        f"decode step (medians of {args.steps}, interleaved), default model, {PROMPT_TOKENS}-token prompts. The bound",
+        "is the time to read every weight once at that bandwidth: batch-1 decoding can't be faster.",
+        "",
+        "| forward, weights | MB read per step | bound at batch 1 (ms) | batch 1 (ms) | % of bound | batch 16 (ms) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, decoder in decoders.items():
         megabytes = weight_bytes(decoder) / 1e6
         bound = megabytes / bandwidth  # MB / (GB/s) = ms
         one, sixteen = results["rows"][1][name], results["rows"][16][name]
-        print(f"| {name} | {megabytes:.0f} | {bound:.1f} | {one:.1f} | {bound / one:.0%} | {sixteen:.1f} |")
+        lines.append(f"| {name} | {megabytes:.0f} | {bound:.1f} | {one:.1f} | {bound / one:.0%} | {sixteen:.1f} |")
+    markdown = "\n".join(lines) + "\n"
+    print(markdown)
+    replace_section(args.report, "decode", markdown)
     return 0
 
 

@@ -36,14 +36,39 @@ from bench.machine import cpu_description, memory_bandwidth_gb_s  # noqa: E402
 from bench.report import replace_section  # noqa: E402
 
 SUBJECTS = [
-    "a lighthouse keeper", "a lost robot", "a dragon who is afraid of fire", "two friends on a train",
-    "a baker in a small town", "a cat who wants to fly", "an astronaut's first day", "a river that talks",
-    "a detective in the rain", "a child's birthday", "an old violin", "a garden at night", "a pirate who hates the sea",
-    "a library that never closes", "a snowman in spring", "a clockmaker", "a girl and a fox", "the last tree on Mars",
-    "a shy ghost", "a storm at sea", "a chess game in the park", "a postman on a mountain", "a forgotten key",
-    "a village festival", "a talking parrot", "a time traveller's mistake", "a bridge between two kingdoms",
-    "the first snow", "a musician on the street", "a map with no names", "a kite that escaped", "a quiet island",
-]  # fmt: skip
+    "a lighthouse keeper",
+    "a lost robot",
+    "a dragon who is afraid of fire",
+    "two friends on a train",
+    "a baker in a small town",
+    "a cat who wants to fly",
+    "an astronaut's first day",
+    "a river that talks",
+    "a detective in the rain",
+    "a child's birthday",
+    "an old violin",
+    "a garden at night",
+    "a pirate who hates the sea",
+    "a library that never closes",
+    "a snowman in spring",
+    "a clockmaker",
+    "a girl and a fox",
+    "the last tree on Mars",
+    "a shy ghost",
+    "a storm at sea",
+    "a chess game in the park",
+    "a postman on a mountain",
+    "a forgotten key",
+    "a village festival",
+    "a talking parrot",
+    "a time traveller's mistake",
+    "a bridge between two kingdoms",
+    "the first snow",
+    "a musician on the street",
+    "a map with no names",
+    "a kite that escaped",
+    "a quiet island",
+]
 NEW_TOKENS = 64
 FORMATS = ("none", "float16", "int8")
 
@@ -71,10 +96,14 @@ class ChatLevel:
 async def chat(client: httpx.AsyncClient, subject: str) -> ChatOutcome:
     """One streamed chat request; time to first token is when its first piece of text arrives."""
     body = {
-        "model": "SmolLM2-135M-Instruct", "stream": True, "stream_options": {"include_usage": True},
-        "max_tokens": NEW_TOKENS, "temperature": 0.8, "top_p": 0.95,
+        "model": "SmolLM2-135M-Instruct",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0.8,
+        "top_p": 0.95,
         "messages": [{"role": "user", "content": f"Write a short story about {subject}."}],
-    }  # fmt: skip
+    }
     started = time.perf_counter()
     first, tokens = float("nan"), 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -107,11 +136,15 @@ async def chat_level(server: Server, clients: int, requests: int) -> ChatLevel:
         peak = server.stop_sampling()
     good = [outcome for outcome in outcomes if outcome.ok]
     level = ChatLevel(
-        server=server.name, clients=clients, requests=len(outcomes), failed=len(outcomes) - len(good),
+        server=server.name,
+        clients=clients,
+        requests=len(outcomes),
+        failed=len(outcomes) - len(good),
         tokens_per_s=round(sum(o.completion_tokens for o in good) / wall, 2),
         ttft_p50_s=round(percentile([o.ttft_s for o in good], 0.5), 3),
-        ttft_p95_s=round(percentile([o.ttft_s for o in good], 0.95), 3), peak_rss_mb=round(peak, 1),
-    )  # fmt: skip
+        ttft_p95_s=round(percentile([o.ttft_s for o in good], 0.95), 3),
+        peak_rss_mb=round(peak, 1),
+    )
     print(json.dumps(asdict(level)), flush=True)
     return level
 
@@ -178,9 +211,15 @@ def main() -> int:
     ragged_requests = {16: int(32 * scale), 32: int(64 * scale)}
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu_description(), "bandwidth_gb_s": memory_bandwidth_gb_s(), "torch_threads": os.cpu_count(),
-        "chat": [], "ragged": [], "startup_s": {}, "weights": {}, "agreement": [],
-    }  # fmt: skip
+        "cpu": cpu_description(),
+        "bandwidth_gb_s": memory_bandwidth_gb_s(),
+        "torch_threads": os.cpu_count(),
+        "chat": [],
+        "ragged": [],
+        "startup_s": {},
+        "weights": {},
+        "agreement": [],
+    }
     print(results["cpu"], flush=True)
     runs = [("baseline (float32, one at a time)", {"MAX_BATCH_SIZE": "1", "QUANTIZATION": "none"})]
     runs += [("engine (auto)", {"MAX_BATCH_SIZE": "32"})]

@@ -10,10 +10,11 @@ a quarter of float32's bytes, float16 half. What each mode does:
   activation outliers into the weights (scales calibrated on a built-in text); the LM head, the most sensitive
   layer, stays in float16.
 
-Why fbgemm: on an AVX2 CPU without AVX-512 or AMX it was the only int8 path faster than float32 (torchao's int8
-configs, oneDNN's qlinear and `_weight_int8pack_mm` all measured slower: docs/benchmarks.md). Its Python front end
-(`torch.ao.quantization`) is deprecated; the C++ ops used here are not, but the quantized tensors needed to pack the
-weights are: that is confined to `_pack_int8`, pinned with torch, and covered by tests.
+Why fbgemm: on an AVX2 CPU without AVX-512 or AMX, its kernels were the fastest int8 and float16 paths measured;
+torchao's int8 configs (run eagerly) and `_weight_int8pack_mm` were slower than float32 (bench/bench_kernels.py,
+docs/benchmarks.md). Its Python front end (`torch.ao.quantization`) is deprecated; the C++ ops used here are not,
+but the quantized tensors needed to pack int8 weights are: that is confined to `_pack_int8`, pinned with torch, and
+covered by tests.
 """
 
 from __future__ import annotations
