@@ -1,11 +1,11 @@
 """Keep freed memory from lingering in the process (glibc only; no-ops elsewhere).
 
-Measured with 32 concurrent clients on SmolLM2 (bench/bench_server.py's workload, the engine in-process): glibc
-kept freed per-step tensors mapped, so peak RSS climbed well past what the KV cache and the weights need:
+Under many concurrent clients glibc kept freed per-step tensors mapped, so peak RSS climbed well past what the KV
+cache and the weights need (figures: the README's "Memory" section and docs/benchmarks.md):
 - after freeing a big block glibc raises its mmap threshold (up to 32 MB), so later blocks come from its heaps and stay
-  there once freed: 2.34 GB peak with the default, 1.82 GB with the threshold fixed at 1 MB;
+  there once freed: fixing the threshold at 1 MB keeps big blocks mapped on their own and returned when freed;
 - the heaps fragment between prefills (activations of every size come and go): returning their free pages after each
-  prefill took the peak from 1.75 to 1.56 GB at the same throughput.
+  prefill lowers the peak at the same throughput.
 """
 
 from __future__ import annotations
