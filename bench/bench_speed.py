@@ -226,7 +226,7 @@ def main() -> int:
     runs += [(f"engine ({fmt})", {"MAX_BATCH_SIZE": "32", "QUANTIZATION": fmt}) for fmt in available_formats()]
     auto_format = None
     for name, env in runs:
-        if env.get("QUANTIZATION") == auto_format:
+        if "QUANTIZATION" in env and not name.startswith("baseline") and env["QUANTIZATION"] == auto_format:
             continue  # auto's own choice was just measured
         server, startup = started_server(name, env)
         try:
