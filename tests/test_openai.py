@@ -372,13 +372,49 @@ def test_an_error_mid_stream_reaches_the_client(
             pass
 
 
-def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+@pytest.fixture
+def strict_names(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server.app.state.settings, "strict_model_name", True)
+
+
+def test_any_model_name_is_served_by_the_one_model(client: openai.OpenAI, server: LiveServer) -> None:
+    served = server.app.state.settings.model_id
+    chat = client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=3, **GREEDY)
+    assert chat.model == served
+    assert chat.choices[0].message.content
+    completion = client.completions.create(model="dummy", prompt="hi", max_tokens=3, **GREEDY)
+    assert completion.model == served
+
+
+@pytest.mark.usefixtures("strict_names")
+def test_with_strict_model_names_an_unknown_model_is_404(client: openai.OpenAI, model: str) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert caught.value.status_code == 404
     assert "gpt-4o" in caught.value.message
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-3.5-turbo-instruct", prompt="hi")
+    assert client.completions.create(model=model, prompt="hi", max_tokens=2).choices[0].text is not None
+
+
+def test_huggingface_inference_client_chats_without_naming_a_model(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub's documented usage against an OpenAI-compatible server: no `model`, so it sends "dummy"."""
+    from huggingface_hub import InferenceClient, constants
+
+    # the tests run with HF_HUB_OFFLINE=1, which makes huggingface_hub refuse every URL, this local server's too
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    hf = InferenceClient(base_url=server.url, timeout=60)
+    reply = hf.chat_completion(messages=MESSAGES, max_tokens=4, temperature=0)
+    assert reply.model == server.app.state.settings.model_id
+    assert reply.choices[0].message.content
+    pieces = [
+        chunk.choices[0].delta.content or ""
+        for chunk in hf.chat_completion(messages=MESSAGES, max_tokens=4, temperature=0, stream=True)
+        if chunk.choices
+    ]
+    assert "".join(pieces) == reply.choices[0].message.content
 
 
 @pytest.mark.parametrize(
@@ -432,6 +468,7 @@ def test_completion_refusals_are_422(client: openai.OpenAI, model: str, kwargs: 
     assert body["param"] == param, body
 
 
+@pytest.mark.usefixtures("strict_names")
 def test_refusals_come_before_any_stream(client: openai.OpenAI, model: str) -> None:
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model=model, messages=MESSAGES, stream=True, n=4)
@@ -515,6 +552,7 @@ def test_closing_a_stream_cancels_all_its_choices(
     assert engine.snapshot()["running"] == engine.snapshot()["waiting"] == 0
 
 
+@pytest.mark.usefixtures("strict_names")
 def test_error_body_has_the_openai_shape(http: httpx.Client, model: str) -> None:
     response = http.post("/v1/chat/completions", json={"model": model, "messages": MESSAGES, "temperature": 5})
     assert response.status_code == 422
