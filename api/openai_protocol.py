@@ -54,7 +54,11 @@ class SamplingFields(TokenChoiceKnobs):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
+    # OpenAI fields that change nothing about the text: accepted so that clients sending them work, and not used
     user: Text | None = Field(default=None, description="Accepted for compatibility; not used.")
+    store: bool | None = Field(default=None, description="Accepted for compatibility; nothing is stored.")
+    metadata: dict[str, Text] | None = Field(default=None, description="Accepted for compatibility; not used.")
+    service_tier: Text | None = Field(default=None, description="Accepted for compatibility; not used.")
 
     @model_validator(mode="before")
     @classmethod
@@ -70,8 +74,10 @@ class SamplingFields(TokenChoiceKnobs):
 
     @model_validator(mode="after")
     def _check_supported(self) -> SamplingFields:
-        for param, message in self._refuse():
-            raise InvalidRequestError(message, param=param)
+        """One 422 naming every parameter of the request whose effect this server can't honour."""
+        refused = self._refuse()
+        if refused:
+            raise InvalidRequestError("; ".join(why for _, why in refused), param=",".join(p for p, _ in refused))
         return self
 
     def check_size(self, settings: Settings, prompts: int) -> None:

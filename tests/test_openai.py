@@ -453,6 +453,7 @@ def test_chat_refusals_are_422(client: openai.OpenAI, model: str, kwargs: dict[s
         ({"logprobs": 2}, "logprobs"),
         ({"best_of": 2}, "best_of"),
         ({"suffix": "end"}, "suffix"),
+        ({"echo": True, "logprobs": 2, "suffix": "end"}, "echo,logprobs,suffix"),
         ({"n": 4}, "n"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": []}, "prompt"),
@@ -573,3 +574,36 @@ def test_unknown_parameters_are_refused(http: httpx.Client, model: str) -> None:
     response = http.post("/v1/chat/completions", json={"model": model, "messages": MESSAGES, "temprature": 0.5})
     assert response.status_code == 422
     assert response.json()["error"]["param"] == "temprature"
+
+
+def test_openai_fields_that_change_nothing_are_accepted(client: openai.OpenAI, model: str) -> None:
+    """What the OpenAI SDK sends for bookkeeping is accepted and ignored; only what can't be honoured is refused."""
+    plain = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4, **GREEDY)
+    extras = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        max_tokens=4,
+        user="someone",
+        store=False,
+        metadata={"team": "docs"},
+        service_tier="auto",
+        parallel_tool_calls=False,
+        logit_bias={},
+        stream_options=None,
+        **GREEDY,
+    )
+    assert extras.choices[0].message.content == plain.choices[0].message.content
+    completion = client.completions.create(model=model, prompt="hi", max_tokens=2, user="someone", logit_bias={})
+    assert completion.choices[0].text is not None
+
+
+def test_one_refusal_names_every_unsupported_chat_parameter(client: openai.OpenAI, model: str) -> None:
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        client.chat.completions.create(
+            model=model, messages=MESSAGES, logprobs=True, logit_bias={"1": 5.0}, tools=[{"type": "function"}]
+        )
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert body["param"] == "logit_bias,logprobs,tools", body
+    for name in ("logit_bias", "logprobs", "tools"):
+        assert name in body["message"]
