@@ -343,3 +343,22 @@ def test_the_pages_quick_events_still_run_by_number_but_not_by_name(http: httpx.
     assert by_number.json()["data"][0] == []
     by_name = http.post("/gradio_api/call/clear", json={"data": []})
     assert by_name.status_code == 404, by_name.text
+
+
+def test_the_client_test_script_passes_against_a_live_server(tiny_llama_dir: Path, make_settings: Any) -> None:
+    """README's `python client_test.py --url ...` must keep passing as the API evolves (it once expected a 404 that
+    the any-model-name default removed). A server with the default body limit, as the README's is."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    with serve(make_settings(tiny_llama_dir, max_input_tokens=200)) as live:
+        result = subprocess.run(
+            [sys.executable, str(root / "client_test.py"), "--url", live.url],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " 0 failed" in result.stdout
