@@ -183,7 +183,8 @@ class CheckCache:
 
     def record(self, fmt: WeightFormat, quality: QualityCheck) -> None:
         self.verdicts[fmt] = quality
-        self._write(".json", json.dumps({"verdicts": {k: asdict(v) for k, v in self.verdicts.items()}}).encode())
+        data = json.dumps({"verdicts": {k: asdict(v) for k, v in self.verdicts.items()}}).encode()
+        self._write(".json", lambda path: path.write_bytes(data), "the quality check")
 
     def absmax(self) -> dict[str, torch.Tensor] | None:
         try:
@@ -196,23 +197,17 @@ class CheckCache:
             return None
 
     def record_absmax(self, absmax: dict[str, torch.Tensor]) -> None:
-        temporary = self._path(f"-absmax.pt.{time.time_ns()}")
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            torch.save(absmax, temporary)
-            temporary.replace(self._path("-absmax.pt"))
-        except OSError as error:
-            logger.warning("Could not cache the int8 calibration in %s: %s", self.folder, error)
-            temporary.unlink(missing_ok=True)
+        self._write("-absmax.pt", lambda path: torch.save(absmax, path), "the int8 calibration")
 
-    def _write(self, suffix: str, data: bytes) -> None:
+    def _write(self, suffix: str, write: Callable[[Path], object], what: str) -> None:
+        """Write through a temporary file renamed into place, so a reader never sees half a file."""
         temporary = self._path(f"{suffix}.{time.time_ns()}")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            temporary.write_bytes(data)
+            write(temporary)
             temporary.replace(self._path(suffix))
         except OSError as error:
-            logger.warning("Could not cache the quality check in %s: %s", self.folder, error)
+            logger.warning("Could not cache %s in %s: %s", what, self.folder, error)
             temporary.unlink(missing_ok=True)
 
 

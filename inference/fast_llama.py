@@ -237,7 +237,6 @@ class LlamaDecoder:
             config.rms_norm_eps,
         )
         self.step: nn.Module = _script(step) if compiled else step
-        self.compiled = compiled
 
     def _layer(self, index: int, layer: Any, linear: LinearFactory, eps: float) -> DecoderLayer:
         attention, mlp = layer.self_attn, layer.mlp
