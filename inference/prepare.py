@@ -7,7 +7,7 @@ import logging
 import sys
 
 from inference.errors import ModelNotFoundError
-from inference.loader import load_model, resolve_location
+from inference.loader import load_model
 from inference.settings import get_settings
 
 
@@ -15,16 +15,11 @@ def main() -> int:
     settings = get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        source, location = resolve_location(settings)
+        loaded = load_model(settings)  # converts or fetches MODEL_ID first, with its progress in the log
     except ModelNotFoundError as error:
         print(error.message, file=sys.stderr)
         return 1
-    print(f"MODEL_ID={settings.model_id} comes from the {source}: {location}")
-    try:
-        loaded = load_model(settings)
-    except ModelNotFoundError as error:
-        print(error.message, file=sys.stderr)
-        return 1
+    print(f"MODEL_ID={settings.model_id} comes from the {loaded.source}: {loaded.location}")
     print(f"Weights served as {loaded.weights.format} ({loaded.weights.reason}); later starts reuse this check.")
     return 0
 
