@@ -164,10 +164,19 @@ def conversation(page: Page) -> list[tuple[str, str]]:
 def move_slider(page: Page, elem_id: str, start: str, steps: int) -> None:
     """Drag by keyboard, as a user can: Home or End, then arrow presses (one step each)."""
     slider = page.locator(f"#{elem_id} input[type=range]")
-    slider.focus()
-    slider.press(start)
-    for _ in range(abs(steps)):
-        slider.press("ArrowRight" if steps > 0 else "ArrowLeft")
+    expect(slider).to_be_visible()
+    bound = float(slider.get_attribute("min" if start == "Home" else "max") or "nan")
+    target = bound + steps * float(slider.get_attribute("step") or 1)
+
+    def moved() -> bool:
+        # a slider in an accordion that is still opening can miss keys (CI once saw End ignored): move it again
+        slider.focus()
+        slider.press(start)
+        for _ in range(abs(steps)):
+            slider.press("ArrowRight" if steps > 0 else "ArrowLeft")
+        return abs(float(slider.input_value()) - target) < 1e-6
+
+    assert wait_until(moved), f"#{elem_id} did not reach {target}"
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
