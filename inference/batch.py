@@ -16,6 +16,7 @@ from transformers.cache_utils import DynamicLayer
 
 from inference.decoders import Decoder
 from inference.kv_cache import SlotCache
+from inference.prefix_cache import CachedPrefix
 
 
 @dataclass
@@ -27,16 +28,21 @@ class Prefilled:
     next_positions: torch.Tensor  # [rows, 1]
 
 
-def prefill(decoder: Decoder, prompts: list[list[int]]) -> tuple[Prefilled, torch.Tensor]:
+def prefill(
+    decoder: Decoder, prompts: list[list[int]], prefix: CachedPrefix | None = None
+) -> tuple[Prefilled, torch.Tensor]:
     """Run prompts of one length through the model together; return their cache and each last position's logits.
 
     Same-length prompts need no padding, so each row computes exactly what it would alone (padding shifts the
-    attention's sums and, in bfloat16, changed the logits by up to 0.4); the engine groups its newcomers that way.
+    attention's sums and, in bfloat16, changed the logits by up to 0.4); the engine groups its newcomers that way,
+    and by the cached `prefix` they all open with, if any (only the tokens after it are computed).
     """
     width = len(prompts[0])
     if any(len(ids) != width for ids in prompts):
         raise ValueError("prefill takes prompts of one length")
-    cache, logits = decoder.prefill(prompts)
+    if prefix is not None and not all(prefix.opens(ids) for ids in prompts):
+        raise ValueError("every prompt must open with the prefix")
+    cache, logits = decoder.prefill(prompts, prefix)
     attention_mask = torch.ones((len(prompts), width), dtype=torch.long, device=logits.device)
     next_positions = torch.full((len(prompts), 1), width, dtype=torch.long, device=logits.device)
     return Prefilled(cache, attention_mask, next_positions), logits

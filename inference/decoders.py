@@ -28,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 from inference import fast_llama
 from inference.errors import ModelNotFoundError
 from inference.kv_cache import SlotCache
+from inference.prefix_cache import CachedPrefix
 from inference.quantization import QualityCheck, QuantizedFormat, compare, fbgemm_available, input_absmax, make_linear
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,11 @@ CHECK_VERSION = "1"
 class Decoder(Protocol):
     """What the engine asks of the model: prefill prompts of one length, decode one token per running row."""
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[DynamicCache, torch.Tensor]:
-        """A fresh cache holding the prompts, and the logits after each prompt's last token."""
+    def prefill(
+        self, prompts: list[list[int]], prefix: CachedPrefix | None = None
+    ) -> tuple[DynamicCache, torch.Tensor]:
+        """A fresh cache holding the prompts, and the logits after each prompt's last token. With `prefix`, an
+        opening every prompt starts with, only the tokens after it are computed."""
         ...
 
     def decode(
@@ -64,12 +68,17 @@ class TransformersDecoder:
         self.model = model
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]]) -> tuple[DynamicCache, torch.Tensor]:
-        input_ids = torch.tensor(prompts, dtype=torch.long, device=self.model.device)
+    def prefill(
+        self, prompts: list[list[int]], prefix: CachedPrefix | None = None
+    ) -> tuple[DynamicCache, torch.Tensor]:
+        device = self.model.device
+        skip, width = (len(prefix) if prefix else 0), len(prompts[0])
+        input_ids = torch.tensor([prompt[skip:] for prompt in prompts], dtype=torch.long, device=device)
         output = self.model(
             input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            cache=DynamicCache(),
+            attention_mask=torch.ones((len(prompts), width), dtype=torch.long, device=device),
+            position_ids=torch.arange(skip, width, device=device).expand(len(prompts), -1),
+            cache=prefix.cache_for(len(prompts)) if prefix else DynamicCache(),
             use_cache=True,
             logits_to_keep=1,
         )

@@ -38,6 +38,7 @@ from inference.errors import (
 from inference.loader import LoadedModel, load_model
 from inference.memory import release_free_heap_pages, return_freed_memory_promptly
 from inference.params import SamplingParams
+from inference.prefix_cache import MIN_PREFIX_TOKENS, CachedPrefix, PrefixStore
 from inference.prompts import PreparedPrompt, PromptFormatter
 from inference.sampling import sample_next_tokens
 from inference.schemas import ModelInfo, ServerLimits, WeightsInfo
@@ -56,6 +57,8 @@ class EngineStats:
     requests_cancelled: int = 0
     decode_steps: int = 0
     prefills: int = 0
+    # prompt tokens whose keys and values came from a cached prefix instead of a forward pass
+    prefix_tokens_reused: int = 0
     largest_batch: int = 0
     batch_sizes_seen: collections.Counter[int] = field(default_factory=collections.Counter)
 
@@ -110,6 +113,7 @@ class Engine(EngineClient):
         self._stopping = False
         self._eos_ids: set[int] = set()
         self._seeds = random.Random()
+        self.prefixes = PrefixStore()
 
     # ----- life cycle -------------------------------------------------------------------------------------------
 
@@ -159,12 +163,24 @@ class Engine(EngineClient):
 
     def _warm_up(self) -> None:
         assert self.loaded is not None
+        assert self.formatter is not None
         prefilled, _ = batching.prefill(self.loaded.decoder, [[self._pad_id] * 4])
         if not batching.supports_slot_cache(prefilled.cache):
             raise ModelNotFoundError(
                 f"MODEL_ID={self.settings.model_id!r} uses sliding-window or linear-attention layers, which this "
                 "engine's batch cache does not support yet; choose a model with full attention (Llama, GPT-2, Qwen2)."
             )
+        opening = self.formatter.chat_opening() if self.settings.prefix_caching else []
+        if len(opening) >= MIN_PREFIX_TOKENS:
+            self.remember_prefix(opening)
+            logger.info("Prefix cache: the chat template's opening, %d tokens, is prefilled once", len(opening))
+
+    def remember_prefix(self, tokens: list[int]) -> None:
+        """Prefill `tokens` once and keep their keys and values for every prompt that opens with them (call it from
+        the scheduler thread, or before it starts)."""
+        assert self.loaded is not None
+        cache, _ = self.loaded.decoder.prefill([tokens])
+        self.prefixes.add(CachedPrefix.from_cache(tokens, cache))
 
     # ----- what callers use ---------------------------------------------------------------------------------------
 
@@ -375,24 +391,26 @@ class Engine(EngineClient):
         """Prefill newcomers in groups of one prompt length (no padding, so no row's numbers depend on another's)."""
         if not newcomers:
             return
-        groups: dict[int, list[Sequence]] = {}
+        groups: dict[tuple[int, CachedPrefix | None], list[Sequence]] = {}
         for sequence in newcomers:
-            groups.setdefault(len(sequence.prompt_ids), []).append(sequence)
-        for group in groups.values():
-            self._prefill_group(group)
+            prefix = self.prefixes.longest_opening(sequence.prompt_ids)
+            groups.setdefault((len(sequence.prompt_ids), prefix), []).append(sequence)
+        for (_, prefix), group in groups.items():
+            self._prefill_group(group, prefix)
         # a prefill's activations leave the heaps fragmented; handing their free pages back keeps peak RSS near what
         # the weights and the KV cache need (why: inference/memory.py; figures: docs/benchmarks.md)
         release_free_heap_pages()
 
-    def _prefill_group(self, newcomers: list[Sequence]) -> None:
-        """One forward pass over same-length prompts; their first tokens go through sample and accept as a decode's
-        do, and the rows join the running batch. A fault fails this group alone."""
+    def _prefill_group(self, newcomers: list[Sequence], prefix: CachedPrefix | None) -> None:
+        """One forward pass over same-length prompts (after the cached `prefix` they open with, if any); their first
+        tokens go through sample and accept as a decode's do, and the rows join the running batch. A fault fails
+        this group alone."""
         assert self.loaded is not None
         started = time.monotonic()
         for sequence in newcomers:
             sequence.start(self.loaded.tokenizer, self._eos_ids, self._seeds.getrandbits(63), started)
         try:
-            prefilled, logits = batching.prefill(self.loaded.decoder, [s.prompt_ids for s in newcomers])
+            prefilled, logits = batching.prefill(self.loaded.decoder, [s.prompt_ids for s in newcomers], prefix)
             tokens = self._sample(newcomers, logits)
             self._accept(newcomers, tokens)
             self._batch.add(prefilled, _as_column(tokens, logits.device))
@@ -403,6 +421,7 @@ class Engine(EngineClient):
                 self._fail(sequence, GenerationError("Generation failed inside the model."))
             return
         self.stats.prefills += 1
+        self.stats.prefix_tokens_reused += len(prefix or ()) * len(newcomers)
         self._running.extend(newcomers)
 
     def _decode(self) -> torch.Tensor:

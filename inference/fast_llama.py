@@ -20,6 +20,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from inference.kv_cache import SlotCache
+from inference.prefix_cache import CachedPrefix
 
 # Makes a linear layer from (weight [out, in], bias or None, name); the quantization mode decides its kind.
 LinearFactory = Callable[[torch.Tensor, torch.Tensor | None, str], nn.Module]
@@ -104,11 +105,19 @@ class DecoderLayer(nn.Module):
 
     @torch.jit.export
     def prompt_rest(
-        self, hidden: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        causal_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Causal attention over the cached keys and values, then the feed-forward block."""
+        """Causal attention over the cached keys and values, then the feed-forward block. `causal_mask` is needed
+        when the keys start before the queries (a cached prefix); None means the square causal mask."""
         rows, width = hidden.shape[0], hidden.shape[1]
-        attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=1.0, enable_gqa=True)
+        attended = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=causal_mask, is_causal=causal_mask is None, scale=1.0, enable_gqa=True
+        )
         hidden = hidden + self.out(attended.transpose(1, 2).reshape(rows, width, -1))
         return self.mlp(hidden)
 
@@ -268,25 +277,36 @@ class LlamaDecoder:
 
     # ----- prefill: prompts of one length, a fresh cache ---------------------------------------------------------
 
-    def _prompt_forward(self, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        """Every position's last hidden state for same-length prompts [rows, width], filling `cache`."""
+    def _prompt_forward(self, input_ids: torch.Tensor, cache: DynamicCache, offset: int = 0) -> torch.Tensor:
+        """Every position's last hidden state for same-length prompts [rows, width] that go on from `offset`
+        tokens already in `cache` (a cached prefix), appending theirs to it."""
         step: Any = self.step
         width = input_ids.shape[1]
-        # 1. token embeddings, and each position's rotary factors
+        # 1. token embeddings, each position's rotary factors, and which keys each position may see
         hidden = step.embedding[input_ids].float()
-        cos, sin = step.cos[:width].unsqueeze(1), step.sin[:width].unsqueeze(1)  # [width, 1, head_dim]
+        positions = slice(offset, offset + width)
+        cos, sin = step.cos[positions].unsqueeze(1), step.sin[positions].unsqueeze(1)  # [width, 1, head_dim]
+        causal_mask = None
+        if offset:
+            seen = torch.arange(offset + width, device=self.device)
+            causal_mask = seen[None, :] <= seen[offset:, None]  # [width, offset + width]
         for index, layer in enumerate(step.layers):
             # 2. attention: project and rotate, cache keys and values, attend causally; then the feed-forward block
             query, keys, values = layer.prompt_projections(hidden, cos, sin, step.rotation)
             keys, values = cache.update(keys, values, index)
-            hidden = layer.prompt_rest(hidden, query, keys, values)
+            hidden = layer.prompt_rest(hidden, query, keys, values, causal_mask)
         return rms_norm(hidden, step.final_norm, step.eps)
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]]) -> tuple[DynamicCache, torch.Tensor]:
-        """Run same-length prompts through the model; return their cache and the last position's logits."""
-        cache = DynamicCache()
-        hidden = self._prompt_forward(torch.tensor(prompts, dtype=torch.long, device=self.device), cache)
+    def prefill(
+        self, prompts: list[list[int]], prefix: CachedPrefix | None = None
+    ) -> tuple[DynamicCache, torch.Tensor]:
+        """Run same-length prompts through the model; return their cache and the last position's logits. With
+        `prefix`, an opening every prompt starts with, only the tokens after it are computed."""
+        skip = len(prefix) if prefix else 0
+        cache = prefix.cache_for(len(prompts)) if prefix else DynamicCache()
+        input_ids = torch.tensor([prompt[skip:] for prompt in prompts], dtype=torch.long, device=self.device)
+        hidden = self._prompt_forward(input_ids, cache, skip)
         logits: torch.Tensor = self.lm_head(hidden[:, -1])
         return cache, logits
 

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from inference.admission import TokenizingGate
 from inference.errors import InvalidRequestError, PromptTooLongError
+from inference.prefix_cache import common_opening
 from inference.text import check_text
 
 logger = logging.getLogger(__name__)
@@ -160,6 +161,17 @@ class PromptFormatter:
                 # what apply_chat_template(tokenize=True) does, without rendering twice
                 return self._encode(text, "messages", add_special_tokens=False), ()
             return self._encode_contents_as_text(messages, text), ()
+
+    def chat_opening(self) -> list[int]:
+        """The tokens every chat prompt of this model's template starts with, whatever the user says (its default
+        system prompt and the first user turn's header); empty without a template, or where rendering fails."""
+        if not self.has_chat_template:
+            return []
+        try:
+            renders = [self.encode_chat([{"role": "user", "content": text}])[0] for text in ("Hi", "What?")]
+        except InvalidRequestError:  # a template that insists on a system message, say
+            return []
+        return common_opening(renders)
 
     def _render(self, conversation: list[dict[str, str]]) -> str:
         try:

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # Prompt tokens prefilled in one scheduler step (at least one request): newcomers beyond it join at a later step,
     # so a crowd arriving at once neither stalls the running rows for long nor spikes memory.
     max_prefill_tokens: int = Field(default=1024, ge=16)
+    # Keep the chat template's shared opening (system prompt, first user header) prefilled once at start-up and
+    # reuse it for every chat prompt that starts with it: at 16 clients a third of the time went to prefilling it.
+    prefix_caching: bool = True
     # How long an idle engine waits for companions before it starts a new batch.
     batch_wait_ms: float = Field(default=10.0, ge=0, le=10_000)
     # Requests waiting for a slot; beyond it new requests are refused at once (429 with Retry-After).

@@ -81,6 +81,29 @@ def test_chat_answers_the_capital_of_france(engine: Engine) -> None:
     assert "<|im_start|>" not in result.text
 
 
+def test_chat_prompts_reuse_the_template_opening(engine: Engine) -> None:
+    """SmolLM2's template opens every chat with its system prompt: prefilled once at start-up, reused by each chat
+    prompt, and the logits after it are those of a full prefill."""
+    assert engine.loaded is not None
+    prompts = [
+        engine.prepare_chat([{"role": "user", "content": text}]).token_ids
+        for text in ("Write a short story about a lighthouse keeper.", "What is 2+2?")
+    ]
+    prefix = engine.prefixes.longest_opening(prompts[0])
+    assert prefix is not None
+    opening = engine.loaded.tokenizer.decode(list(prefix.tokens))
+    assert opening.startswith("<|im_start|>system\n"), opening
+    assert opening.endswith("<|im_start|>user\n"), opening
+    for prompt in prompts:
+        _, full = engine.loaded.decoder.prefill([prompt])
+        _, reused = engine.loaded.decoder.prefill([prompt], prefix)
+        torch.testing.assert_close(reused, full, rtol=1e-3, atol=1e-3)
+        assert int(reused.argmax()) == int(full.argmax())
+    before = engine.stats.prefix_tokens_reused
+    run(engine.generate(engine.prepare_chat([{"role": "user", "content": "Hi"}]), greedy(engine, 4)))
+    assert engine.stats.prefix_tokens_reused == before + len(prefix)
+
+
 def test_auto_serves_smaller_weights_that_pass_the_quality_check(engine: Engine) -> None:
     """On an x86 CPU, QUANTIZATION=auto serves int8 or float16 weights, whichever is smallest and passes the check
     against float32 (perplexity within 3%, the likeliest token kept at 98% of positions)."""
