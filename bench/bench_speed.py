@@ -2,6 +2,7 @@
 
     python bench/bench_speed.py            # writes its section of docs/benchmarks.md and bench/results/speed-*.json
     python bench/bench_speed.py --quick    # fewer requests, for a smoke run
+    python bench/bench_speed.py --avx2 --section speed-avx2   # on a newer CPU: only the kernels an AVX2 CPU has
 
 The load users feel in the playground and what a llama.cpp server is measured with: the OpenAI chat route, streamed,
 32 story prompts, 64 new tokens each, temperature 0.8, top_p 0.95, each client sending its next request when its
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_server import AGREEMENT_PROMPTS, Server, make_jobs, percentile, run_level  # noqa: E402
-from bench.machine import cpu_description, memory_bandwidth_gb_s  # noqa: E402
+from bench.machine import cap_kernels_at_avx2, cpu_description, memory_bandwidth_gb_s  # noqa: E402
 from bench.report import replace_section  # noqa: E402
 
 SUBJECTS = [
@@ -201,8 +202,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests per level (smoke run)")
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--section", default="speed", help="the section of the report to write")
+    parser.add_argument(
+        "--avx2", action="store_true", help="cap every kernel at AVX2, as on a CPU without AVX-512 or AMX"
+    )
     parser.add_argument("--agreement", metavar="FORMAT", help=argparse.SUPPRESS)  # child: one greedy check
     args = parser.parse_args()
+    if args.avx2:
+        cap_kernels_at_avx2()
     if args.agreement:
         print(json.dumps(greedy_agreement(args.agreement)))
         return 0
@@ -221,9 +228,13 @@ def main() -> int:
         "agreement": [],
     }
     print(results["cpu"], flush=True)
-    runs = [("baseline (float32, one at a time)", {"MAX_BATCH_SIZE": "1", "QUANTIZATION": "none"})]
+    # the baseline is the app as issue 11 found it: float32, one request at a time, every prompt prefilled whole
+    baseline = {"MAX_BATCH_SIZE": "1", "QUANTIZATION": "none", "PREFIX_CACHING": "false"}
+    runs = [("baseline (float32, one at a time)", baseline)]
     runs += [("engine (auto)", {"MAX_BATCH_SIZE": "32"})]
     runs += [(f"engine ({fmt})", {"MAX_BATCH_SIZE": "32", "QUANTIZATION": fmt}) for fmt in available_formats()]
+    # the chat load again without the cached template opening, to show what it saves (ragged prompts have none)
+    runs += [("engine (auto, PREFIX_CACHING=false)", {"MAX_BATCH_SIZE": "32", "PREFIX_CACHING": "false"})]
     auto_format = None
     for name, env in runs:
         if "QUANTIZATION" in env and not name.startswith("baseline") and env["QUANTIZATION"] == auto_format:
@@ -231,15 +242,18 @@ def main() -> int:
         server, startup = started_server(name, env)
         try:
             weights = model_weights(server)
-            if "QUANTIZATION" not in env:
+            if "QUANTIZATION" not in env and "PREFIX_CACHING" not in env:
                 auto_format = weights["format"]
                 name = server.name = f"engine (auto: {auto_format})"
             results["startup_s"][name], results["weights"][name] = startup, weights
             for clients, requests in chat_requests.items():
                 results["chat"].append(asdict(asyncio.run(chat_level(server, clients, requests))))
-            for clients, requests in ragged_requests.items():
+            # ragged prompts have no chat template to cache (nothing to compare); the baseline one at a time at 32
+            # clients only waits longer than at 16
+            ragged = {} if name.endswith("PREFIX_CACHING=false)") else ragged_requests
+            for clients, requests in ragged.items():
                 if name.startswith("baseline") and clients == 32:
-                    continue  # one at a time, 32 clients only wait longer than 16
+                    continue
                 jobs = make_jobs(requests, seed=clients)
                 results["ragged"].append(asdict(asyncio.run(run_level(server, name, clients, jobs))))
         finally:
@@ -248,8 +262,8 @@ def main() -> int:
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"speed-{int(time.time())}.json").write_text(json.dumps(results, indent=2))
-    replace_section(args.report, "speed", render(results))
-    print(f"wrote the speed section of {args.report}")
+    replace_section(args.report, args.section, render(results))
+    print(f"wrote the {args.section} section of {args.report}")
     return 0
 
 
@@ -260,8 +274,9 @@ def _ratio(value: float, base: float) -> str:
 def render(results: dict[str, Any]) -> str:
     chat = results["chat"]
     base = {level["clients"]: level["tokens_per_s"] for level in chat if level["server"].startswith("baseline")}
+    capped = " with kernels capped at AVX2" if "capped at AVX2" in results["cpu"] else ""
     lines = [
-        "## Speed per weight format (`bench/bench_speed.py`)",
+        f"## Speed per weight format{capped} (`bench/bench_speed.py`)",
         "",
         f"Run {results['date']} on {results['cpu']}; memory read bandwidth {results['bandwidth_gb_s']:.1f} GB/s.",
         "Each server is `python app.py` with the default settings except those in its name; the baseline is this",

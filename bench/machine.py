@@ -10,6 +10,20 @@ from pathlib import Path
 
 # The instruction sets that decide which kernels are fast: AVX2 (fbgemm int8/fp16), AVX-512 and AMX (bfloat16).
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+# What makes a newer x86 CPU run the kernels an AVX2-only one (a free CPU Space) runs: torch's own vectorized ops,
+# fbgemm (int8 and float16 GEMMs), oneDNN and MKL each take a cap on the instruction sets they use. Clock and memory
+# speed stay this machine's.
+AVX2_CAPS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+
+
+def cap_kernels_at_avx2() -> None:
+    """Set AVX2_CAPS for this process and the servers it starts (before torch is first used)."""
+    os.environ.update(AVX2_CAPS)
 
 
 def cpu_description() -> str:
@@ -28,6 +42,9 @@ def cpu_description() -> str:
     summary = ", ".join(flag.upper() for flag in present) or "no AVX2"
     if absent:
         summary += " (no " + ", no ".join(absent) + ")"
+    capped = [f"{name}={value}" for name, value in AVX2_CAPS.items() if os.environ.get(name) == value]
+    if capped:
+        summary += "; kernels capped at AVX2 (" + " ".join(capped) + ")"
     return f"{model}, {os.cpu_count()} cores, {platform.machine()}, {summary}"
 
 

@@ -20,5 +20,5 @@ def marked_sections(path: Path) -> list[str]:
     """Every marked section of the file, markers included, so a script rewriting the rest of it keeps them."""
     if not path.exists():
         return []
-    pattern = re.compile(r"<!-- section:(\w+) -->.*?<!-- /section:\1 -->", re.DOTALL)
+    pattern = re.compile(r"<!-- section:([\w-]+) -->.*?<!-- /section:\1 -->", re.DOTALL)
     return [match.group(0) for match in pattern.finditer(path.read_text())]
