@@ -42,6 +42,10 @@ class TextChunk:
 
     text: str
     completion_tokens: int
+    # the tokens generated since the previous chunk (the text may span several, or wait for a later one), and their
+    # log-probabilities where the request asked for them (SamplingParams.logprobs)
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,11 @@ class GenerationResult:
     time_to_first_token_seconds: float
     generation_seconds: float
     total_seconds: float
+    # every generated token (an end-of-sequence token included), their log-probabilities where asked for, and the
+    # seed the request sampled with (None when greedy): TGI's `details`
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()
+    seed: int | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -167,6 +176,14 @@ class EngineClient(abc.ABC):
 
     def token_pieces(self, token_ids: list[int]) -> list[str]:
         return self._serving_formatter().token_pieces(token_ids)
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token decoded on its own (a piece of a character shows as U+FFFD; special tokens as written)."""
+        tokenizer = self._serving_formatter().tokenizer
+        return [str(tokenizer.decode([token_id], clean_up_tokenization_spaces=False)) for token_id in token_ids]
+
+    def special_token_ids(self) -> set[int]:
+        return set(self._serving_formatter().tokenizer.all_special_ids)
 
     def _refuse_early(self, prompt: PreparedPrompt, params: SamplingParams) -> None:
         """Raise, before anything is queued, for a request that can't be served: not ready, draining, too long."""

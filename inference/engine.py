@@ -40,7 +40,7 @@ from inference.memory import release_free_heap_pages, return_freed_memory_prompt
 from inference.params import SamplingParams
 from inference.prefix_cache import MIN_PREFIX_TOKENS, CachedPrefix, PrefixStore
 from inference.prompts import PreparedPrompt, PromptFormatter
-from inference.sampling import sample_next_tokens
+from inference.sampling import chosen_logprobs, sample_next_tokens
 from inference.schemas import ModelInfo, ServerLimits, WeightsInfo
 from inference.sequence import Event, Sequence
 from inference.settings import Settings
@@ -344,10 +344,10 @@ class Engine(EngineClient):
         # decode: one forward pass, one new position for every running row
         logits = self._decode()
         # sample: each row's next token, by its own parameters; the batch feeds it in at the next decode
-        tokens = self._sample(self._running, logits)
+        tokens, logprobs = self._sample(self._running, logits)
         self._batch.next_tokens = _as_column(tokens, logits.device)
         # accept: each request takes its token: text out to its caller, and whether and why it finished
-        self._accept(self._running, tokens)
+        self._accept(self._running, tokens, logprobs)
         # retire: rows whose request finished or failed leave the batch
         self._retire()
 
@@ -411,8 +411,8 @@ class Engine(EngineClient):
             sequence.start(self.loaded.tokenizer, self._eos_ids, self._seeds.getrandbits(63), started)
         try:
             prefilled, logits = batching.prefill(self.loaded.decoder, [s.prompt_ids for s in newcomers], prefix)
-            tokens = self._sample(newcomers, logits)
-            self._accept(newcomers, tokens)
+            tokens, logprobs = self._sample(newcomers, logits)
+            self._accept(newcomers, tokens, logprobs)
             self._batch.add(prefilled, _as_column(tokens, logits.device))
         except Exception:
             # newcomers are in neither the queue nor the running batch yet: fail them here, or they wait forever
@@ -432,29 +432,30 @@ class Engine(EngineClient):
         self.stats.batch_sizes_seen[len(self._running)] += 1
         return self._batch.step(self.loaded.decoder)
 
-    def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """Each row's next token, by its own parameters and random stream."""
+    def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[float | None]]:
+        """Each row's next token, by its own parameters and random stream; and its log-probability where asked."""
         samplers = [sequence.sampler for sequence in sequences]
         assert all(sampler is not None for sampler in samplers)
-        return sample_next_tokens(logits, samplers)  # type: ignore[arg-type]
+        tokens = sample_next_tokens(logits, samplers)  # type: ignore[arg-type]
+        return tokens, chosen_logprobs(logits, tokens, [sequence.params.logprobs for sequence in sequences])
 
-    def _accept(self, sequences: list[Sequence], tokens: list[int]) -> None:
+    def _accept(self, sequences: list[Sequence], tokens: list[int], logprobs: list[float | None]) -> None:
         """Hand each request its token; a request whose bookkeeping fails is failed alone, the batch goes on."""
         now = time.monotonic()
-        for sequence, token in zip(sequences, tokens, strict=True):
+        for sequence, token, logprob in zip(sequences, tokens, logprobs, strict=True):
             try:
-                self._accept_token(sequence, token, now)
+                self._accept_token(sequence, token, logprob, now)
             except Exception:
                 logger.exception("Request %s failed while decoding", sequence.request_id)
                 self._fail(sequence, GenerationError("Generation failed while decoding this request."))
 
-    def _accept_token(self, sequence: Sequence, token: int, now: float) -> None:
+    def _accept_token(self, sequence: Sequence, token: int, logprob: float | None, now: float) -> None:
         """Hand one sampled token to its request: pass on the text it makes visible, end the request if it is done."""
         if sequence.generated == 0:
             sequence.first_token_at = now
-        visible, finish_reason = sequence.accept(token)
+        visible, finish_reason = sequence.accept(token, logprob)
         if visible:
-            sequence.deliver(TextChunk(visible, sequence.generated))
+            sequence.deliver(TextChunk(visible, sequence.generated, *sequence.unreported()))
         if finish_reason is not None:
             self._finish(sequence, finish_reason)
 
@@ -473,7 +474,7 @@ class Engine(EngineClient):
     def _finish(self, sequence: Sequence, reason: str) -> None:
         tail = sequence.flush()
         if tail:
-            sequence.deliver(TextChunk(tail, sequence.generated))
+            sequence.deliver(TextChunk(tail, sequence.generated, *sequence.unreported()))
         now = time.monotonic()
         result = GenerationResult(
             request_id=sequence.request_id,
@@ -485,6 +486,9 @@ class Engine(EngineClient):
             time_to_first_token_seconds=sequence.first_token_at - sequence.submitted_at,
             generation_seconds=now - sequence.started_at,
             total_seconds=now - sequence.submitted_at,
+            token_ids=tuple(sequence.token_ids),
+            logprobs=tuple(sequence.logprobs),
+            seed=sequence.seed,
         )
         sequence.done = True  # leaves the batch at the next retire
         self.stats.requests_finished += 1

@@ -111,6 +111,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    # Report each generated token's log-probability (TGI's `details`): not a knob, it changes no token.
+    logprobs: bool = False
 
     @property
     def greedy(self) -> bool:

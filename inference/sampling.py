@@ -107,3 +107,19 @@ def _sample_rows(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
     picks = torch.minimum(picks, last_kept)
     # 6. map each pick back to its token id
     return indices.gather(1, picks).squeeze(1)
+
+
+@torch.inference_mode()
+def chosen_logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[bool]) -> list[float | None]:
+    """The log-probability of each row's chosen token under the model's own distribution (before penalties,
+    temperature and truncation, as vLLM reports them), for the rows that want it; None for the others."""
+    rows = [index for index, want in enumerate(wanted) if want]
+    if not rows:
+        return [None] * len(tokens)
+    selected = logits[rows].float()
+    chosen = torch.tensor([tokens[index] for index in rows], device=logits.device).unsqueeze(1)
+    values = (selected.gather(1, chosen) - selected.logsumexp(dim=-1, keepdim=True)).squeeze(1).tolist()
+    result: list[float | None] = [None] * len(tokens)
+    for index, value in zip(rows, values, strict=True):
+        result[index] = value
+    return result

@@ -8,7 +8,7 @@ why. Delivering the text, logging and counting stay in the engine, which owns th
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
@@ -49,6 +49,10 @@ class Sequence:
     generated: int = 0
     started_at: float = 0.0
     first_token_at: float = 0.0
+    seed: int | None = None  # the seed its random stream started from (None when greedy)
+    token_ids: list[int] = field(default_factory=list)  # every generated token, an end-of-sequence one included
+    logprobs: list[float] = field(default_factory=list)  # theirs, when params.logprobs
+    reported: int = 0  # tokens already handed to the caller in a text chunk
 
     @property
     def budget(self) -> int:
@@ -59,17 +63,21 @@ class Sequence:
         """Ready the request for decoding; `seed` is its random stream's seed unless it asked for its own."""
         self.started_at = now
         self.sampler = RowSampler.create(self.params, self.prompt_ids, seed)
+        self.seed = None if self.params.greedy else self.params.seed if self.params.seed is not None else seed
         self.decoder = IncrementalDecoder(tokenizer, self.prompt_ids)
         self.stops = StopStringFilter(self.params.stop)
         self.eos_ids = eos_ids
 
-    def accept(self, token: int) -> tuple[str, FinishReason | None]:
-        """Take the next token: return the text that is now safe to show (maybe none) and, if the request finished
-        with it, why."""
+    def accept(self, token: int, logprob: float | None = None) -> tuple[str, FinishReason | None]:
+        """Take the next token (and its log-probability, if asked for): return the text that is now safe to show
+        (maybe none) and, if the request finished with it, why."""
         assert self.sampler is not None, "not started"
         assert self.decoder is not None
         assert self.stops is not None
         self.generated += 1
+        self.token_ids.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         if token in self.eos_ids:
             return "", "eos"  # the end-of-sequence token is counted but neither recorded nor shown
         self.sampler.record(token)
@@ -79,6 +87,11 @@ class Sequence:
         if self.generated >= self.params.max_new_tokens:
             return visible, "length"
         return visible, None
+
+    def unreported(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """The tokens (and log-probabilities) not yet handed to the caller; from now on they count as handed."""
+        start, self.reported = self.reported, len(self.token_ids)
+        return tuple(self.token_ids[start:]), tuple(self.logprobs[start:])
 
     def flush(self) -> str:
         """The request has ended: the text held back in case it began a stop string, which it now never will."""

@@ -117,11 +117,11 @@ def test_a_fault_in_one_request_fails_only_that_request(
     original = Engine._accept_token
     injected = threading.Event()
 
-    def faulty(self: Engine, sequence: Sequence, token: int, now: float) -> None:
+    def faulty(self: Engine, sequence: Sequence, token: int, logprob: float | None, now: float) -> None:
         if sequence.request_id == "victim" and sequence.generated >= 3:
             injected.set()
             raise RuntimeError("injected fault")
-        original(self, sequence, token, now)
+        original(self, sequence, token, logprob, now)
 
     monkeypatch.setattr(Engine, "_accept_token", faulty)
     body = {"prompt": "The quick brown fox", "max_new_tokens": 60, "temperature": 1.0, "top_k": 0, "seed": 3}

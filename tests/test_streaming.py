@@ -287,11 +287,11 @@ def record_tokens(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     accept = engine._accept_token
     eos = engine._eos_ids
 
-    def recording(sequence: Sequence, token: int, now: float) -> None:
+    def recording(sequence: Sequence, token: int, logprob: float | None, now: float) -> None:
         _, generated = seen.setdefault(sequence.request_id, (list(sequence.prompt_ids), []))
         if token not in eos:
             generated.append(token)
-        accept(sequence, token, now)
+        accept(sequence, token, logprob, now)
 
     monkeypatch.setattr(engine, "_accept_token", recording)
     return seen
