@@ -27,6 +27,7 @@ from api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from api.openai import router as openai_router
 from api.routes import router
 from api.server import DrainingServer, server_config
+from api.tgi import router as tgi_router
 from api.throttle import FailureBackoff, LoginBackoffMiddleware
 from api.uploads import NoUploads
 from inference import __version__
@@ -87,6 +88,7 @@ def create_app(
     protected = [Depends(require_api_key)]
     app.include_router(router, dependencies=protected)
     app.include_router(openai_router, dependencies=protected)
+    app.include_router(tgi_router, dependencies=protected)
     playground = build_ui(engine, settings)
     app.router.routes.extend([ApiFallback(), NoUploads(), UnknownStreams(playground)])
     # Mounted last: routes added after a mount at "/" would be shadowed by it.

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import Receive, Scope, Send
 
-API_PREFIXES = ("/v1", "/generate", "/tokenize", "/health", "/model-info", "/metrics")
+API_PREFIXES = ("/v1", "/generate", "/generate_stream", "/info", "/tokenize", "/health", "/model-info", "/metrics")
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.sse import EventSourceResponse
+from pydantic import Discriminator, Tag
 
 from api.auth import AuthFirstRoute
 from api.deps import EngineDep, SettingsDep, request_id, timing_headers
@@ -21,12 +23,25 @@ from api.protocol import (
     Usage,
 )
 from api.sse import sse_response
+from api.tgi import generate_tgi
+from api.tgi_protocol import TGIRequest, TGIResponse
 from inference.client import GenerationResult, TextChunk
 from inference.errors import InvalidRequestError
 from inference.prompts import ChatMessage
 from inference.schemas import ModelInfo
 
 router = APIRouter(route_class=AuthFirstRoute)
+
+
+def _body_shape(body: Any) -> str:
+    return "[tgi]" if isinstance(body, dict) and "inputs" in body else "[rest]"
+
+
+# /generate's two dialects, told apart by `inputs` (TGI) or `prompt` (this server's own). The tags are bracketed so
+# that error messages, which name the place in the request, leave them out (api/errors.py).
+GenerateBody = Annotated[
+    Annotated[GenerateRequest, Tag("[rest]")] | Annotated[TGIRequest, Tag("[tgi]")], Discriminator(_body_shape)
+]
 
 
 @router.get("/model-info", response_model=ModelInfo, responses={503: ERROR_RESPONSES[503]}, tags=["service"])
@@ -65,7 +80,7 @@ STREAM_DESCRIPTION = (
 
 @router.post(
     "/generate",
-    response_model=GenerateResponse,
+    response_model=GenerateResponse | TGIResponse,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": STREAM_DESCRIPTION},
         **{status: ERROR_RESPONSES[status] for status in (413, 422, 429, 503, 504)},
@@ -73,9 +88,12 @@ STREAM_DESCRIPTION = (
     tags=["generation"],
 )
 async def generate(
-    body: GenerateRequest, request: Request, response: Response, engine: EngineDep, settings: SettingsDep
-) -> GenerateResponse | EventSourceResponse:
-    """Continue `prompt` as plain text (no chat template) with the given sampling parameters."""
+    body: GenerateBody, request: Request, response: Response, engine: EngineDep, settings: SettingsDep
+) -> GenerateResponse | TGIResponse | EventSourceResponse:
+    """Continue `prompt` as plain text (no chat template) with the given sampling parameters. A body with `inputs`
+    (and `parameters`) is Text Generation Inference's request, and gets TGI's answer."""
+    if isinstance(body, TGIRequest):
+        return await generate_tgi(body, request, response, engine, settings)
     params = body.sampling_params(settings)
     prompt = await engine.tokenize_completion(body.prompt)
     handle = engine.submit(prompt, params, request_id=request_id(request), route="/generate")
