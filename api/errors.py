@@ -103,7 +103,9 @@ def _describe_validation_error(error: dict[str, Any]) -> tuple[str, str | None]:
             return "The request body is empty: send a JSON object with the parameters.", None
         return f"`{param}` is required", param
     if error.get("type") == "extra_forbidden":
-        return f"`{param}` is not a known parameter", param
+        # named by its whole path, so an unknown key inside an object is not blamed on the object
+        path = ".".join(location)
+        return f"`{path}` is not a known parameter", path
     if error.get("type") in _TEXT_ERRORS:
         # strict models refuse a lone surrogate before api.protocol.Text sees it ("string_unicode")
         if not location:
