@@ -113,6 +113,9 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     # Report each generated token's log-probability (TGI's `details`): not a knob, it changes no token.
     logprobs: bool = False
+    # Load-testing extensions (vLLM's): keep generating past an end-of-sequence token; forbid it before this many.
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
     @property
     def greedy(self) -> bool:

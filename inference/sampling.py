@@ -7,6 +7,8 @@ candidates are capped at MAX_CANDIDATES, which keeps all but a negligible tail o
 
 from __future__ import annotations
 
+import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -26,14 +28,20 @@ class RowSampler:
     generator: torch.Generator
     seen_tokens: torch.Tensor  # 1-D, prompt and generated ids (for the repetition penalty)
     generated_counts: dict[int, int] = field(default_factory=dict)  # for the presence and frequency penalties
+    forbidden_until_min: list[int] = field(default_factory=list)  # end-of-sequence ids, while under min_tokens
+    generated: int = 0
 
     @classmethod
-    def create(cls, params: SamplingParams, prompt_ids: list[int], fallback_seed: int) -> RowSampler:
+    def create(
+        cls, params: SamplingParams, prompt_ids: list[int], fallback_seed: int, eos_ids: Collection[int] = ()
+    ) -> RowSampler:
         generator = torch.Generator()
         generator.manual_seed(params.seed if params.seed is not None else fallback_seed)
-        return cls(params, generator, torch.tensor(prompt_ids, dtype=torch.long))
+        forbidden = sorted(eos_ids) if params.min_tokens else []
+        return cls(params, generator, torch.tensor(prompt_ids, dtype=torch.long), forbidden_until_min=forbidden)
 
     def record(self, token_id: int) -> None:
+        self.generated += 1
         if self.params.repetition_penalty != 1.0:
             self.seen_tokens = torch.cat([self.seen_tokens, torch.tensor([token_id])])
         if self.params.presence_penalty or self.params.frequency_penalty:
@@ -49,6 +57,13 @@ def apply_presence_and_frequency_penalties(logits: torch.Tensor, rows: list[RowS
         tokens = torch.tensor(list(row.generated_counts), device=logits.device)
         counts = torch.tensor(list(row.generated_counts.values()), dtype=logits.dtype, device=logits.device)
         logits[index].index_add_(0, tokens, -(presence + frequency * counts))
+
+
+def forbid_early_end(logits: torch.Tensor, rows: list[RowSampler]) -> None:
+    """`min_tokens`: a row that has generated fewer can't pick an end-of-sequence token yet (in place)."""
+    for index, row in enumerate(rows):
+        if row.forbidden_until_min and row.generated < row.params.min_tokens:
+            logits[index, row.forbidden_until_min] = -math.inf
 
 
 def apply_repetition_penalty(logits: torch.Tensor, rows: list[RowSampler]) -> None:
@@ -71,6 +86,8 @@ def sample_next_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int
     apply_presence_and_frequency_penalties(logits, rows)
     # extreme but valid values (a penalty near 0 divides by it) must not turn into inf or NaN further on
     logits = torch.nan_to_num(logits, nan=-FINITE_LIMIT, posinf=FINITE_LIMIT, neginf=-FINITE_LIMIT)
+    # after the clamp: a forbidden token must stay below every finite logit
+    forbid_early_end(logits, rows)
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     if sampled:

@@ -62,7 +62,7 @@ class Sequence:
     def start(self, tokenizer: PreTrainedTokenizerBase, eos_ids: Collection[int], seed: int, now: float) -> None:
         """Ready the request for decoding; `seed` is its random stream's seed unless it asked for its own."""
         self.started_at = now
-        self.sampler = RowSampler.create(self.params, self.prompt_ids, seed)
+        self.sampler = RowSampler.create(self.params, self.prompt_ids, seed, eos_ids)
         self.seed = None if self.params.greedy else self.params.seed if self.params.seed is not None else seed
         self.decoder = IncrementalDecoder(tokenizer, self.prompt_ids)
         self.stops = StopStringFilter(self.params.stop)
@@ -78,7 +78,7 @@ class Sequence:
         self.token_ids.append(token)
         if logprob is not None:
             self.logprobs.append(logprob)
-        if token in self.eos_ids:
+        if token in self.eos_ids and not self.params.ignore_eos:
             return "", "eos"  # the end-of-sequence token is counted but neither recorded nor shown
         self.sampler.record(token)
         visible = self.stops.push(self.decoder.push(token))
