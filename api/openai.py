@@ -97,6 +97,23 @@ def submit_all(
     return handles
 
 
+class UsageSoFar:
+    """Tokens counted as a stream goes, for `stream_options.continuous_usage_stats` (None when not asked for)."""
+
+    def __init__(self, prompt_tokens: int, choices: int, wanted: bool) -> None:
+        self.prompt_tokens, self.wanted = prompt_tokens, wanted
+        self.generated = [0] * choices
+
+    def add(self, index: int, completion_tokens: int) -> OpenAIUsage | None:
+        self.generated[index] = completion_tokens
+        if not self.wanted:
+            return None
+        completion = sum(self.generated)
+        return OpenAIUsage(
+            prompt_tokens=self.prompt_tokens, completion_tokens=completion, total_tokens=self.prompt_tokens + completion
+        )
+
+
 async def merged_events(
     handles: list[RequestHandleBase],
 ) -> AsyncIterator[tuple[int, TextChunk | GenerationResult]]:
@@ -172,9 +189,11 @@ async def completions(
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def chunk(index: int, text: str, finish_reason: str | None) -> Completion:
+    def chunk(index: int, text: str, finish_reason: str | None, usage: OpenAIUsage | None = None) -> str:
         choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason)
-        return Completion(id=completion_id, created=created, model=settings.model_id, choices=[choice])
+        return body.chunk_json(
+            Completion(id=completion_id, created=created, model=settings.model_id, choices=[choice], usage=usage)
+        )
 
     if not body.stream:
         results = await results_of(handles)
@@ -193,12 +212,14 @@ async def completions(
 
     async def events() -> AsyncIterator[str]:
         results: list[GenerationResult] = []
+        usage = UsageSoFar(prompt_tokens, len(handles), body.continuous_usage)
         async for index, event in merged_events(handles):
             if isinstance(event, TextChunk):
-                yield chunk(index, event.text, None).model_dump_json(exclude_none=True)
+                yield chunk(index, event.text, None, usage.add(index, event.completion_tokens))
             else:
                 results.append(event)
-                yield chunk(index, "", OPENAI_FINISH_REASONS[event.finish_reason]).model_dump_json(exclude_none=True)
+                reason = OPENAI_FINISH_REASONS[event.finish_reason]
+                yield chunk(index, "", reason, usage.add(index, event.completion_tokens))
         if body.include_usage:
             final = Completion(
                 id=completion_id,
@@ -226,9 +247,11 @@ async def chat_completions(
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(choices: list[ChatChunkChoice], usage: OpenAIUsage | None = None) -> str:
-        return ChatCompletionChunk(
-            id=completion_id, created=created, model=settings.model_id, choices=choices, usage=usage
-        ).model_dump_json(exclude_none=True)
+        return body.chunk_json(
+            ChatCompletionChunk(
+                id=completion_id, created=created, model=settings.model_id, choices=choices, usage=usage
+            )
+        )
 
     if not body.stream:
         results = await results_of(handles)
@@ -248,15 +271,19 @@ async def chat_completions(
         )
 
     async def events() -> AsyncIterator[str]:
-        yield chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(len(handles))])
+        usage = UsageSoFar(prompt_tokens, len(handles), body.continuous_usage)
+        roles = [ChatChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(len(handles))]
+        yield chunk(roles, usage.add(0, 0))
         results: list[GenerationResult] = []
         async for index, event in merged_events(handles):
             if isinstance(event, TextChunk):
-                yield chunk([ChatChunkChoice(index=index, delta=Delta(content=event.text))])
+                delta = Delta(content=event.text)
+                yield chunk([ChatChunkChoice(index=index, delta=delta)], usage.add(index, event.completion_tokens))
             else:
                 results.append(event)
                 reason = OPENAI_FINISH_REASONS[event.finish_reason]
-                yield chunk([ChatChunkChoice(index=index, delta=Delta(), finish_reason=reason)])
+                finished = ChatChunkChoice(index=index, delta=Delta(), finish_reason=reason)
+                yield chunk([finished], usage.add(index, event.completion_tokens))
         if body.include_usage:
             yield chunk([], usage_of(results, prompt_tokens))
         yield DONE

@@ -5,6 +5,7 @@ Parameters OpenAI defines but this server can't honour are refused with a clear 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -28,6 +29,8 @@ class StreamOptions(BaseModel):
     model_config = STRICT
 
     include_usage: bool = False
+    # vLLM's extension: usage so far in every chunk (load-testing tools count tokens with it)
+    continuous_usage_stats: bool = False
 
 
 # OpenAI's names for knobs that have another name here: errors speak the client's language.
@@ -59,6 +62,9 @@ class SamplingFields(TokenChoiceKnobs):
     store: bool | None = Field(default=None, description="Accepted for compatibility; nothing is stored.")
     metadata: dict[str, Text] | None = Field(default=None, description="Accepted for compatibility; not used.")
     service_tier: Text | None = Field(default=None, description="Accepted for compatibility; not used.")
+    # vLLM's extensions, which benchmark tools send to pin the answer's length
+    ignore_eos: bool = Field(default=False, description="Keep generating past the end-of-sequence token.")
+    min_tokens: int = Field(default=0, ge=0, description="No end-of-sequence token before this many tokens.")
 
     @model_validator(mode="before")
     @classmethod
@@ -102,11 +108,26 @@ class SamplingFields(TokenChoiceKnobs):
         knobs = self.knobs()
         if self.seed is not None:  # choices of one request differ, yet the whole request stays reproducible
             knobs["seed"] = (self.seed + choice) % (MAX_SEED + 1)
-        return build_sampling_params(settings, names=OPENAI_NAMES, max_new_tokens=max_tokens, **knobs)
+        params = build_sampling_params(settings, names=OPENAI_NAMES, max_new_tokens=max_tokens, **knobs)
+        if self.min_tokens > params.max_new_tokens:
+            raise InvalidRequestError(
+                f"`min_tokens` ({self.min_tokens}) must be at most `max_tokens` ({params.max_new_tokens})",
+                param="min_tokens",
+            )
+        return replace(params, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+
+    def chunk_json(self, chunk: BaseModel) -> str:
+        """A streamed chunk as OpenAI sends it: `finish_reason` and `logprobs` null until set, and `usage` null on
+        every chunk but the last when usage is asked for (absent otherwise)."""
+        return chunk.model_dump_json(exclude=None if self.include_usage or self.continuous_usage else {"usage"})
 
 
 class CompletionRequest(SamplingFields):
@@ -248,8 +269,10 @@ class ChatCompletion(BaseModel):
 
 
 class Delta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+    """What a chunk adds: OpenAI leaves out what it doesn't add (the role after the first chunk)."""
+
+    role: Literal["assistant"] | None = Field(default=None, exclude_if=lambda value: value is None)
+    content: str | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class ChatChunkChoice(BaseModel):

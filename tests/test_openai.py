@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import torch
 
 from inference.engine import Engine
 from inference.sequence import Sequence
@@ -220,6 +221,83 @@ def test_completion_stream_raw_framing_and_usage(http: httpx.Client, model: str)
     assert final["choices"] == []
     assert final["usage"]["completion_tokens"] <= 6
     assert all(json.loads(data)["object"] == "text_completion" for data in events[:-1])
+
+
+def test_stream_chunks_carry_the_nulls_openai_sends(http: httpx.Client, model: str) -> None:
+    """As OpenAI streams: `finish_reason` and `logprobs` null until set, `usage` null on every chunk but the last when
+    usage is asked for and absent when not; a delta holds only what it adds."""
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 5, "stream": True, **GREEDY}
+    plain = [json.loads(data) for data in raw_sse(http, "/v1/chat/completions", body)[:-1]]
+    assert all("usage" not in chunk for chunk in plain)
+    assert plain[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    for chunk in plain[1:-1]:
+        choice = chunk["choices"][0]
+        assert choice["finish_reason"] is None
+        assert choice["logprobs"] is None
+        assert set(choice["delta"]) == {"content"}
+    assert plain[-1]["choices"][0]["delta"] == {}
+    body["stream_options"] = {"include_usage": True}
+    with_usage = [json.loads(data) for data in raw_sse(http, "/v1/chat/completions", body)[:-1]]
+    assert all(chunk["usage"] is None for chunk in with_usage[:-1])
+    assert with_usage[-1]["choices"] == []
+    assert 1 <= with_usage[-1]["usage"]["completion_tokens"] <= 5
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_continuous_usage_stats_count_tokens_in_every_chunk(http: httpx.Client, model: str, path: str) -> None:
+    body: dict[str, Any] = {"model": model, "max_tokens": 6, "stream": True, "n": 2, **GREEDY}
+    body |= {"messages": MESSAGES} if path.endswith("chat/completions") else {"prompt": "Hello"}
+    body["stream_options"] = {"continuous_usage_stats": True}
+    chunks = [json.loads(data) for data in raw_sse(http, path, body)[:-1]]
+    counts = [chunk["usage"]["completion_tokens"] for chunk in chunks]
+    assert counts == sorted(counts)
+    assert counts[-1] == 12  # both choices ran to max_tokens (the tiny model's eos is rare)
+    for chunk in chunks:
+        usage = chunk["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def eager_to_end(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's model always wants to end: its end-of-sequence token is the likeliest at every step."""
+    assert engine.loaded is not None
+    decoder, eos = engine.loaded.decoder, engine.loaded.tokenizer.eos_token_id
+    original_prefill, original_decode = decoder.prefill, decoder.decode
+
+    def ending(logits: Any) -> Any:
+        with torch.inference_mode():  # the decoder's logits are inference tensors
+            logits[..., eos] = logits.max() + 10
+        return logits
+
+    def prefill(*args: Any, **kwargs: Any) -> Any:
+        cache, logits = original_prefill(*args, **kwargs)
+        return cache, ending(logits)
+
+    monkeypatch.setattr(decoder, "prefill", prefill)
+    monkeypatch.setattr(decoder, "decode", lambda *args, **kwargs: ending(original_decode(*args, **kwargs)))
+
+
+def test_ignore_eos_and_min_tokens_pin_the_length(
+    client: openai.OpenAI, model: str, server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eager_to_end(server.app.state.engine, monkeypatch)
+
+    def complete(**extra: Any) -> Any:
+        return client.completions.create(model=model, prompt="Once", max_tokens=12, extra_body=extra, **GREEDY)
+
+    ends = complete()
+    assert (ends.usage.completion_tokens, ends.choices[0].finish_reason) == (1, "stop")
+    pinned = complete(ignore_eos=True)
+    assert (pinned.usage.completion_tokens, pinned.choices[0].finish_reason) == (12, "length")
+    at_least = complete(min_tokens=5)  # five tokens, then the end-of-sequence token it wanted all along
+    assert (at_least.usage.completion_tokens, at_least.choices[0].finish_reason) == (6, "stop")
+    assert at_least.choices[0].text
+    chat = client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=7, extra_body={"ignore_eos": True}, **GREEDY
+    )
+    assert chat.usage.completion_tokens == 7
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        complete(min_tokens=13)
+    assert refused.value.body["param"] == "min_tokens"  # type: ignore[index]
 
 
 def test_completion_of_several_prompts_and_choices(client: openai.OpenAI, model: str) -> None:
