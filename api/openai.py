@@ -23,14 +23,18 @@ from api.openai_protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatLogprobs,
+    ChatTokenLogprob,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     Delta,
     ModelCard,
     ModelList,
     OpenAIUsage,
     SamplingFields,
+    TopLogprob,
 )
 from api.sse import sse_response
 from inference.client import (
@@ -38,6 +42,7 @@ from inference.client import (
     GenerationResult,
     RequestHandleBase,
     TextChunk,
+    TokenLogprob,
     check_lengths,
 )
 from inference.errors import EngineError, NotReadyError, UnknownModelError
@@ -156,6 +161,59 @@ async def results_of(handles: list[RequestHandleBase]) -> list[GenerationResult]
     return [result for result in results if result is not None]
 
 
+def completion_logprobs(
+    engine: EngineClient, prompt: PreparedPrompt, result: GenerationResult, echo: bool, echo_length: int
+) -> CompletionLogprobs:
+    """OpenAI's logprobs object for one choice: the prompt's tokens first with `echo`, then every generated token (an
+    end-of-sequence one included, as lm-evaluation-harness counts on)."""
+    token_ids = list(result.token_ids)
+    scores: list[TokenLogprob | None] = [
+        TokenLogprob(logprob, top) for logprob, top in zip(result.logprobs, result.top_logprobs, strict=True)
+    ]
+    if echo:
+        token_ids = prompt.token_ids + token_ids
+        scores = list(result.prompt_logprobs) + scores
+    texts = engine.token_texts(token_ids)
+    offsets, offset = [], 0 if echo else echo_length
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+
+    def alternatives(score: TokenLogprob | None) -> dict[str, float] | None:
+        if score is None:
+            return None
+        pieces = engine.token_texts([token for token, _ in score.top])
+        top: dict[str, float] = {}
+        for piece, (_, logprob) in zip(pieces, score.top, strict=True):
+            top.setdefault(piece, logprob)  # tokens that read alike (pieces of a character): the likeliest stays
+        return top
+
+    return CompletionLogprobs(
+        tokens=texts,
+        token_logprobs=[None if score is None else score.logprob for score in scores],
+        top_logprobs=[alternatives(score) for score in scores],
+        text_offset=offsets,
+    )
+
+
+def chat_logprobs(engine: EngineClient, result: GenerationResult) -> ChatLogprobs:
+    """OpenAI's chat logprobs: each generated token (an end-of-sequence one included) with its text, bytes,
+    log-probability and alternatives."""
+
+    def entry(token_id: int, logprob: float) -> TopLogprob:
+        text = engine.token_texts([token_id])[0]
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+    content = []
+    for token_id, logprob, top in zip(
+        result.token_ids, result.logprobs, result.top_logprobs or [()] * len(result.token_ids), strict=True
+    ):
+        chosen = entry(token_id, logprob)
+        alternatives = [entry(alternative, value) for alternative, value in top]
+        content.append(ChatTokenLogprob(**chosen.model_dump(), top_logprobs=alternatives))
+    return ChatLogprobs(content=content)
+
+
 def model_card(settings: Settings) -> ModelCard:
     return ModelCard(id=settings.model_id, created=STARTED, owned_by="llm-serving")
 
@@ -182,12 +240,26 @@ async def completions(
 ) -> Completion | EventSourceResponse:
     """OpenAI text completion: plain prompts, no chat template."""
     check_model(body, settings)
-    texts = body.prompts
-    body.check_size(settings, len(texts))
-    prompts = [await engine.tokenize_completion(text) for text in texts]
+    given = body.prompts
+    body.check_size(settings, len(given))
+    prompts = [
+        engine.prepare_token_ids(text) if isinstance(text, list) else await engine.tokenize_completion(text)
+        for text in given
+    ]
     handles = submit_all(engine, settings, body, prompts, body.max_tokens, request, "/v1/completions")
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    # choices come prompt by prompt, `n` of each: what each choice echoes
+    echoes = [text if isinstance(text, str) else engine.decode(text) for text in given for _ in range(body.n)]
+    prompt_of = [prompt for prompt in prompts for _ in range(body.n)]
+
+    def choice_of(index: int, result: GenerationResult) -> CompletionChoice:
+        echo = echoes[index] if body.echo else ""
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = completion_logprobs(engine, prompt_of[index], result, body.echo, len(echoes[index]))
+        reason = OPENAI_FINISH_REASONS[result.finish_reason]
+        return CompletionChoice(index=index, text=echo + result.text, finish_reason=reason, logprobs=logprobs)
 
     def chunk(index: int, text: str, finish_reason: str | None, usage: OpenAIUsage | None = None) -> str:
         choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason)
@@ -198,10 +270,7 @@ async def completions(
     if not body.stream:
         results = await results_of(handles)
         response.headers.update(timing_headers(results))
-        choices = [
-            CompletionChoice(index=i, text=r.text, finish_reason=OPENAI_FINISH_REASONS[r.finish_reason])
-            for i, r in enumerate(results)
-        ]
+        choices = [choice_of(index, result) for index, result in enumerate(results)]
         return Completion(
             id=completion_id,
             created=created,
@@ -213,6 +282,9 @@ async def completions(
     async def events() -> AsyncIterator[str]:
         results: list[GenerationResult] = []
         usage = UsageSoFar(prompt_tokens, len(handles), body.continuous_usage)
+        if body.echo:
+            for index, echo in enumerate(echoes):
+                yield chunk(index, echo, None, usage.add(index, 0))
         async for index, event in merged_events(handles):
             if isinstance(event, TextChunk):
                 yield chunk(index, event.text, None, usage.add(index, event.completion_tokens))
@@ -258,7 +330,10 @@ async def chat_completions(
         response.headers.update(timing_headers(results))
         choices = [
             ChatChoice(
-                index=i, message=AssistantMessage(content=r.text), finish_reason=OPENAI_FINISH_REASONS[r.finish_reason]
+                index=i,
+                message=AssistantMessage(content=r.text),
+                finish_reason=OPENAI_FINISH_REASONS[r.finish_reason],
+                logprobs=chat_logprobs(engine, r) if body.logprobs else None,
             )
             for i, r in enumerate(results)
         ]

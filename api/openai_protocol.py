@@ -6,7 +6,7 @@ Parameters OpenAI defines but this server can't honour are refused with a clear 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,6 +18,8 @@ from inference.settings import Settings
 from inference.text import Text
 
 OPENAI_FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+# Most alternatives per token `logprobs` may ask for (OpenAI allows 5, vLLM 20).
+MAX_LOGPROBS = 20
 
 
 # strict: "10", true or "yes" where a number or a boolean belongs is a 422, never coerced (as in /generate), and so is
@@ -130,22 +132,26 @@ class SamplingFields(TokenChoiceKnobs):
         return chunk.model_dump_json(exclude=None if self.include_usage or self.continuous_usage else {"usage"})
 
 
+TokenId = Annotated[int, Field(ge=0)]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: Text | list[Text] = Field(
-        description="A prompt, or a list of prompts (one set of choices each; at most MAX_PROMPTS)."
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]] = Field(
+        description="A prompt, or a list of prompts (one set of choices each; at most MAX_PROMPTS); a prompt may be "
+        "text or a list of token ids."
     )
     max_tokens: MaxNewTokens | None = Field(default=16, description="OpenAI's default is 16.")
-    echo: bool = False
-    logprobs: int | None = None
+    echo: bool = Field(default=False, description="Put the prompt before the completion (and its logprobs).")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="Each token's log-probability and this many alternatives."
+    )
     best_of: int | None = None
     suffix: str | None = None
 
     def _refuse(self) -> list[tuple[str, str]]:
         refused = super()._refuse()
-        if self.echo:
-            refused.append(("echo", "`echo` is not supported"))
-        if self.logprobs is not None:
-            refused.append(("logprobs", "`logprobs` is not supported"))
+        if self.logprobs is not None and self.stream:
+            refused.append(("logprobs", "`logprobs` is not supported with `stream`"))
         if self.best_of not in (None, 1):
             refused.append(("best_of", "`best_of` other than 1 is not supported"))
         if self.suffix:
@@ -153,11 +159,25 @@ class CompletionRequest(SamplingFields):
         return refused
 
     @property
-    def prompts(self) -> list[str]:
-        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
-        if not prompts or any(not isinstance(p, str) or not p or len(p) > MAX_PROMPT_CHARS for p in prompts):
-            raise InvalidRequestError("`prompt` must be a non-empty string or a list of them", param="prompt")
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: text, or token ids (a list of ints is one prompt of ids, as in OpenAI's API)."""
+        given: list[Any] = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        if given and all(isinstance(token, int) for token in given):
+            given = [given]
+        prompts: list[str | list[int]] = given
+        if not prompts or any(not p or (isinstance(p, str) and len(p) > MAX_PROMPT_CHARS) for p in prompts):
+            raise InvalidRequestError(
+                "`prompt` must be a non-empty string, a non-empty list of token ids, or a list of either",
+                param="prompt",
+            )
         return prompts
+
+    def sampling_params(self, settings: Settings, max_tokens: int | None, choice: int) -> SamplingParams:
+        params = super().sampling_params(settings, max_tokens, choice)
+        if self.logprobs is None:
+            return params
+        prompt_logprobs = self.logprobs if self.echo else None
+        return replace(params, logprobs=True, top_logprobs=self.logprobs, prompt_logprobs=prompt_logprobs)
 
 
 class TextPart(BaseModel):
@@ -184,8 +204,10 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_tokens: MaxNewTokens | None = None
     max_completion_tokens: MaxNewTokens | None = Field(default=None, description="OpenAI's newer name for max_tokens.")
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = Field(default=None, description="Each generated token's log-probability.")
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="With `logprobs`, this many alternatives per token."
+    )
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -193,8 +215,10 @@ class ChatCompletionRequest(SamplingFields):
 
     def _refuse(self) -> list[tuple[str, str]]:
         refused = super()._refuse()
-        if self.logprobs or self.top_logprobs:
-            refused.append(("logprobs", "`logprobs` is not supported"))
+        if self.logprobs and self.stream:
+            refused.append(("logprobs", "`logprobs` is not supported with `stream`"))
+        if self.top_logprobs and not self.logprobs:
+            refused.append(("top_logprobs", "`top_logprobs` needs `logprobs`: true"))
         if self.response_format and self.response_format.get("type") != "text":
             refused.append(("response_format", 'only `response_format` {"type": "text"} is supported'))
         if self.tools or self.tool_choice not in (None, "none"):
@@ -204,6 +228,12 @@ class ChatCompletionRequest(SamplingFields):
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def sampling_params(self, settings: Settings, max_tokens: int | None, choice: int) -> SamplingParams:
+        params = super().sampling_params(settings, max_tokens, choice)
+        if not self.logprobs:
+            return params
+        return replace(params, logprobs=True, top_logprobs=self.top_logprobs or 0)
 
     @property
     def chat_messages(self) -> list[ChatMessage]:
@@ -231,11 +261,21 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs object: per token its text, log-probability, likeliest alternatives and where its
+    text starts in the choice's text. With `echo`, the prompt's tokens come first (the first has no log-probability)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -252,11 +292,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):

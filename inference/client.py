@@ -15,6 +15,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from inference.admission import TokenizingGate
 from inference.errors import GenerationError, InvalidRequestError, NotReadyError, PromptTooLongError
@@ -34,6 +35,17 @@ class EngineState(enum.Enum):
     FAILED = "failed"
     DRAINING = "draining"  # shutting down: running requests finish, new ones are refused
     STOPPED = "stopped"
+
+
+# The likeliest tokens at one position and their log-probabilities, best first.
+Alternatives = tuple[tuple[int, float], ...]
+
+
+class TokenLogprob(NamedTuple):
+    """A token's log-probability under the model's own distribution, and the top alternatives where asked for."""
+
+    logprob: float
+    top: Alternatives = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,10 @@ class GenerationResult:
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[float, ...] = ()
     seed: int | None = None
+    # with SamplingParams.top_logprobs: each generated token's alternatives; with prompt_logprobs: each prompt token's
+    # log-probability given the tokens before it (None for the first, which has none) and its alternatives
+    top_logprobs: tuple[Alternatives, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
 
     @property
     def tokens_per_second(self) -> float:
@@ -176,6 +192,21 @@ class EngineClient(abc.ABC):
 
     def token_pieces(self, token_ids: list[int]) -> list[str]:
         return self._serving_formatter().token_pieces(token_ids)
+
+    def prepare_token_ids(self, token_ids: list[int], param: str = "prompt") -> PreparedPrompt:
+        """A prompt given as token ids (as lm-evaluation-harness sends them): each must be in the vocabulary."""
+        vocabulary = len(self._serving_formatter().tokenizer)
+        outside = [token for token in token_ids if not 0 <= token < vocabulary]
+        if outside:
+            raise InvalidRequestError(
+                f"`{param}` holds token ids outside this model's vocabulary (0 to {vocabulary - 1}): {outside[:5]}",
+                param=param,
+            )
+        return PreparedPrompt(list(token_ids))
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of token ids, special tokens as written (how `echo` shows a prompt given as ids)."""
+        return str(self._serving_formatter().tokenizer.decode(token_ids, clean_up_tokenization_spaces=False))
 
     def token_texts(self, token_ids: list[int]) -> list[str]:
         """Each token decoded on its own (a piece of a character shows as U+FFFD; special tokens as written)."""

@@ -26,10 +26,12 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from inference import fast_llama
+from inference.client import TokenLogprob
 from inference.errors import ModelNotFoundError
 from inference.kv_cache import SlotCache
 from inference.prefix_cache import CachedPrefix
 from inference.quantization import QualityCheck, QuantizedFormat, compare, fbgemm_available, input_absmax, make_linear
+from inference.scoring import prompt_token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,10 @@ class Decoder(Protocol):
 
     def logits(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Every position's logits for one sequence [1, n] (the quality check's perplexity)."""
+        ...
+
+    def prompt_logprobs(self, token_ids: list[int], top_n: int) -> list[TokenLogprob]:
+        """Each token after the first: its log-probability given those before it, and the top_n alternatives."""
         ...
 
 
@@ -103,6 +109,14 @@ class TransformersDecoder:
     def logits(self, token_ids: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.model(input_ids=token_ids.to(self.model.device)).logits
         return logits
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, token_ids: list[int], top_n: int) -> list[TokenLogprob]:
+        # the base model's last hidden state is after its final norm (LlamaModel, GPT2Model alike)
+        input_ids = torch.tensor([token_ids], device=self.model.device)
+        hidden = self.model.base_model(input_ids=input_ids).last_hidden_state[0]
+        head = self.model.get_output_embeddings()  # type: ignore[no-untyped-call]
+        return prompt_token_logprobs(hidden, head, token_ids, top_n)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,14 @@ import torch
 
 from inference import __version__
 from inference import batch as batching
-from inference.client import EngineClient, EngineState, GenerationResult, RequestHandleBase, TextChunk
+from inference.client import (
+    EngineClient,
+    EngineState,
+    GenerationResult,
+    RequestHandleBase,
+    TextChunk,
+    TokenLogprob,
+)
 from inference.errors import (
     EngineError,
     GenerationError,
@@ -40,7 +47,7 @@ from inference.memory import release_free_heap_pages, return_freed_memory_prompt
 from inference.params import SamplingParams
 from inference.prefix_cache import MIN_PREFIX_TOKENS, CachedPrefix, PrefixStore
 from inference.prompts import PreparedPrompt, PromptFormatter
-from inference.sampling import chosen_logprobs, sample_next_tokens
+from inference.sampling import sample_next_tokens, token_logprobs
 from inference.schemas import ModelInfo, ServerLimits, WeightsInfo
 from inference.sequence import Event, Sequence
 from inference.settings import Settings
@@ -410,6 +417,11 @@ class Engine(EngineClient):
         for sequence in newcomers:
             sequence.start(self.loaded.tokenizer, self._eos_ids, self._seeds.getrandbits(63), started)
         try:
+            for sequence in newcomers:
+                if sequence.params.prompt_logprobs is not None:
+                    # a second pass over the prompt, for the few requests that ask (OpenAI's echo, lm-eval's scores)
+                    scores = self.loaded.decoder.prompt_logprobs(sequence.prompt_ids, sequence.params.prompt_logprobs)
+                    sequence.prompt_logprobs = [None, *scores]
             prefilled, logits = batching.prefill(self.loaded.decoder, [s.prompt_ids for s in newcomers], prefix)
             tokens, logprobs = self._sample(newcomers, logits)
             self._accept(newcomers, tokens, logprobs)
@@ -432,14 +444,15 @@ class Engine(EngineClient):
         self.stats.batch_sizes_seen[len(self._running)] += 1
         return self._batch.step(self.loaded.decoder)
 
-    def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[float | None]]:
+    def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
         """Each row's next token, by its own parameters and random stream; and its log-probability where asked."""
         samplers = [sequence.sampler for sequence in sequences]
         assert all(sampler is not None for sampler in samplers)
         tokens = sample_next_tokens(logits, samplers)  # type: ignore[arg-type]
-        return tokens, chosen_logprobs(logits, tokens, [sequence.params.logprobs for sequence in sequences])
+        wanted = [sequence.params.top_logprobs if sequence.params.logprobs else None for sequence in sequences]
+        return tokens, token_logprobs(logits, tokens, wanted)
 
-    def _accept(self, sequences: list[Sequence], tokens: list[int], logprobs: list[float | None]) -> None:
+    def _accept(self, sequences: list[Sequence], tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
         """Hand each request its token; a request whose bookkeeping fails is failed alone, the batch goes on."""
         now = time.monotonic()
         for sequence, token, logprob in zip(sequences, tokens, logprobs, strict=True):
@@ -449,7 +462,7 @@ class Engine(EngineClient):
                 logger.exception("Request %s failed while decoding", sequence.request_id)
                 self._fail(sequence, GenerationError("Generation failed while decoding this request."))
 
-    def _accept_token(self, sequence: Sequence, token: int, logprob: float | None, now: float) -> None:
+    def _accept_token(self, sequence: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
         """Hand one sampled token to its request: pass on the text it makes visible, end the request if it is done."""
         if sequence.generated == 0:
             sequence.first_token_at = now
@@ -489,6 +502,8 @@ class Engine(EngineClient):
             token_ids=tuple(sequence.token_ids),
             logprobs=tuple(sequence.logprobs),
             seed=sequence.seed,
+            top_logprobs=tuple(sequence.top_logprobs),
+            prompt_logprobs=tuple(sequence.prompt_logprobs),
         )
         sequence.done = True  # leaves the batch at the next retire
         self.stats.requests_finished += 1

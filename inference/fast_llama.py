@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from inference.client import TokenLogprob
 from inference.kv_cache import SlotCache
 from inference.prefix_cache import CachedPrefix
+from inference.scoring import prompt_token_logprobs
 
 # Makes a linear layer from (weight [out, in], bias or None, name); the quantization mode decides its kind.
 LinearFactory = Callable[[torch.Tensor, torch.Tensor | None, str], nn.Module]
@@ -315,6 +317,12 @@ class LlamaDecoder:
         """Every position's logits for token_ids [1, n] (the quality check's perplexity)."""
         logits: torch.Tensor = self.lm_head(self._prompt_forward(token_ids.to(self.device), DynamicCache()))
         return logits
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, token_ids: list[int], top_n: int) -> list[TokenLogprob]:
+        """Each prompt token's log-probability given those before it, and the top_n alternatives."""
+        hidden = self._prompt_forward(torch.tensor([token_ids], device=self.device), DynamicCache())[0]
+        return prompt_token_logprobs(hidden, self.lm_head, token_ids, top_n)
 
     # ----- decode: one new token per row of the running batch ----------------------------------------------------
 

@@ -111,8 +111,12 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
-    # Report each generated token's log-probability (TGI's `details`): not a knob, it changes no token.
+    # Report each generated token's log-probability (TGI's `details`, OpenAI's `logprobs`), with its `top_logprobs`
+    # likeliest alternatives; and with `prompt_logprobs` (a count of alternatives), each prompt token's (OpenAI's
+    # `echo`). Not knobs: they change no token.
     logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
     # Load-testing extensions (vLLM's): keep generating past an end-of-sequence token; forbid it before this many.
     ignore_eos: bool = False
     min_tokens: int = 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from inference.client import TokenLogprob
 from inference.params import MAX_TOP_K, SamplingParams
 
 MAX_CANDIDATES = MAX_TOP_K
@@ -127,16 +128,20 @@ def _sample_rows(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def chosen_logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[bool]) -> list[float | None]:
-    """The log-probability of each row's chosen token under the model's own distribution (before penalties,
-    temperature and truncation, as vLLM reports them), for the rows that want it; None for the others."""
-    rows = [index for index, want in enumerate(wanted) if want]
+def token_logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None]) -> list[TokenLogprob | None]:
+    """Each chosen token's log-probability under the model's own distribution (before penalties, temperature and
+    truncation, as vLLM reports them) and its row's `wanted[i]` likeliest alternatives; None where `wanted[i]` is."""
+    rows = [index for index, want in enumerate(wanted) if want is not None]
+    result: list[TokenLogprob | None] = [None] * len(tokens)
     if not rows:
-        return [None] * len(tokens)
-    selected = logits[rows].float()
+        return result
+    logprobs = logits[rows].float().log_softmax(dim=-1)
     chosen = torch.tensor([tokens[index] for index in rows], device=logits.device).unsqueeze(1)
-    values = (selected.gather(1, chosen) - selected.logsumexp(dim=-1, keepdim=True)).squeeze(1).tolist()
-    result: list[float | None] = [None] * len(tokens)
-    for index, value in zip(rows, values, strict=True):
-        result[index] = value
+    values = logprobs.gather(1, chosen).squeeze(1).tolist()
+    most = max(wanted[index] or 0 for index in rows)
+    top_values, top_ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long())
+    for position, (index, value) in enumerate(zip(rows, values, strict=True)):
+        count = wanted[index] or 0
+        top = tuple(zip(top_ids[position, :count].tolist(), top_values[position, :count].tolist(), strict=True))
+        result[index] = TokenLogprob(value, top)
     return result

@@ -13,7 +13,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from inference.client import GenerationResult, TextChunk
+from inference.client import Alternatives, GenerationResult, TextChunk, TokenLogprob
 from inference.detokenize import IncrementalDecoder, StopStringFilter
 from inference.errors import EngineError
 from inference.params import SamplingParams
@@ -52,6 +52,8 @@ class Sequence:
     seed: int | None = None  # the seed its random stream started from (None when greedy)
     token_ids: list[int] = field(default_factory=list)  # every generated token, an end-of-sequence one included
     logprobs: list[float] = field(default_factory=list)  # theirs, when params.logprobs
+    top_logprobs: list[Alternatives] = field(default_factory=list)  # and their alternatives, when params.top_logprobs
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # when params.prompt_logprobs
     reported: int = 0  # tokens already handed to the caller in a text chunk
 
     @property
@@ -68,7 +70,7 @@ class Sequence:
         self.stops = StopStringFilter(self.params.stop)
         self.eos_ids = eos_ids
 
-    def accept(self, token: int, logprob: float | None = None) -> tuple[str, FinishReason | None]:
+    def accept(self, token: int, logprob: TokenLogprob | None = None) -> tuple[str, FinishReason | None]:
         """Take the next token (and its log-probability, if asked for): return the text that is now safe to show
         (maybe none) and, if the request finished with it, why."""
         assert self.sampler is not None, "not started"
@@ -77,7 +79,9 @@ class Sequence:
         self.generated += 1
         self.token_ids.append(token)
         if logprob is not None:
-            self.logprobs.append(logprob)
+            self.logprobs.append(logprob.logprob)
+            if self.params.top_logprobs:
+                self.top_logprobs.append(logprob.top)
         if token in self.eos_ids and not self.params.ignore_eos:
             return "", "eos"  # the end-of-sequence token is counted but neither recorded nor shown
         self.sampler.record(token)

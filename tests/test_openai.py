@@ -257,6 +257,70 @@ def test_continuous_usage_stats_count_tokens_in_every_chunk(http: httpx.Client, 
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
+def greedy_with_logprobs(folder: str, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' own greedy continuation of `ids`, and its log-probabilities at every position of prompt and
+    continuation (full forward passes, no cache)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokens = list(ids)
+    with torch.inference_mode():
+        for _ in range(steps):
+            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+        return tokens, model(torch.tensor([tokens])).logits[0].float().log_softmax(-1)
+
+
+def test_echo_and_logprobs_of_token_id_prompts_match_a_full_forward_pass(
+    client: openai.OpenAI, model: str, server: LiveServer
+) -> None:
+    """What lm-evaluation-harness sends to score answers: token-id prompts, echo, logprobs, greedy; alone and two in
+    one request (batched), each number within 1e-4 of transformers' forward pass over prompt and answer."""
+    engine: Engine = server.app.state.engine
+    prompts = [[5, 17, 42, 99, 7, 3], [8, 9, 10, 11]]
+    arguments: dict[str, Any] = {"model": model, "max_tokens": 3, "echo": True, "logprobs": 2, **GREEDY}
+    alone = [client.completions.create(prompt=ids, **arguments).choices[0] for ids in prompts]
+    together = client.completions.create(prompt=prompts, **arguments).choices
+    for ids, single, batched in zip(prompts, alone, together, strict=True):
+        tokens, reference = greedy_with_logprobs(engine.settings.model_id, ids, 3)
+        logprobs = single.logprobs
+        assert logprobs is not None
+        assert logprobs.tokens == engine.token_texts(tokens)
+        assert single.text.startswith(engine.decode(ids))
+        assert logprobs.token_logprobs[0] is None
+        assert logprobs.top_logprobs[0] is None
+        for position in range(1, len(tokens)):
+            expected = reference[position - 1]
+            assert abs(logprobs.token_logprobs[position] - float(expected[tokens[position]])) < 1e-4, position
+            top = logprobs.top_logprobs[position]
+            assert top is not None
+            assert 1 <= len(top) <= 2
+            assert abs(max(top.values()) - float(expected.max())) < 1e-4, position
+        assert logprobs.text_offset[0] == 0
+        assert logprobs.text_offset == sorted(logprobs.text_offset)
+        assert batched.logprobs is not None
+        assert batched.logprobs.tokens == logprobs.tokens
+        for a, b in zip(logprobs.token_logprobs[1:], batched.logprobs.token_logprobs[1:], strict=True):
+            assert abs(a - b) < 1e-4
+
+
+def test_chat_logprobs_match_a_full_forward_pass(client: openai.OpenAI, model: str, server: LiveServer) -> None:
+    engine: Engine = server.app.state.engine
+    reply = client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=4, logprobs=True, top_logprobs=3, **GREEDY
+    )
+    content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None
+    prompt = engine.prepare_chat(MESSAGES).token_ids
+    tokens, reference = greedy_with_logprobs(engine.settings.model_id, prompt, 4)
+    assert [entry.token for entry in content] == engine.token_texts(tokens[len(prompt) :])
+    for offset, entry in enumerate(content):
+        expected = reference[len(prompt) + offset - 1]
+        assert abs(entry.logprob - float(expected[tokens[len(prompt) + offset]])) < 1e-4
+        assert len(entry.top_logprobs) == 3
+        assert abs(entry.top_logprobs[0].logprob - float(expected.max())) < 1e-4
+        assert bytes(entry.bytes or []).decode("utf-8", errors="replace") == entry.token
+
+
 def eager_to_end(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's model always wants to end: its end-of-sequence token is the likeliest at every step."""
     assert engine.loaded is not None
@@ -500,8 +564,9 @@ def test_huggingface_inference_client_chats_without_naming_a_model(
     [
         ({"temperature": 5}, "temperature"),
         ({"n": 4}, "n"),
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 2}, "logprobs"),
+        ({"logprobs": True, "stream": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"tool_choice": "required"}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
@@ -527,11 +592,12 @@ def test_chat_refusals_are_422(client: openai.OpenAI, model: str, kwargs: dict[s
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
-        ({"echo": True}, "echo"),
-        ({"logprobs": 2}, "logprobs"),
+        ({"logprobs": 2, "stream": True}, "logprobs"),
+        ({"logprobs": 21}, "logprobs"),
         ({"best_of": 2}, "best_of"),
         ({"suffix": "end"}, "suffix"),
-        ({"echo": True, "logprobs": 2, "suffix": "end"}, "echo,logprobs,suffix"),
+        ({"logprobs": 2, "stream": True, "suffix": "end"}, "logprobs,suffix"),
+        ({"prompt": [3, 10**9]}, "prompt"),
         ({"n": 4}, "n"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": []}, "prompt"),
@@ -678,7 +744,12 @@ def test_openai_fields_that_change_nothing_are_accepted(client: openai.OpenAI, m
 def test_one_refusal_names_every_unsupported_chat_parameter(client: openai.OpenAI, model: str) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as caught:
         client.chat.completions.create(
-            model=model, messages=MESSAGES, logprobs=True, logit_bias={"1": 5.0}, tools=[{"type": "function"}]
+            model=model,
+            messages=MESSAGES,
+            logprobs=True,
+            stream=True,
+            logit_bias={"1": 5.0},
+            tools=[{"type": "function"}],
         )
     body = caught.value.body
     assert isinstance(body, dict)

@@ -147,6 +147,26 @@ def test_greedy_completion_is_deterministic_and_matches_transformers(float32_eng
     assert tokenizer.decode(new_tokens, skip_special_tokens=True) == first.text
 
 
+def test_prompt_logprobs_match_transformers_in_float32(float32_engine: Engine) -> None:
+    """What `echo` + `logprobs` (lm-evaluation-harness's scoring) returns, against transformers' own forward pass."""
+    engine = float32_engine
+    assert engine.loaded is not None
+    prompt = engine.prepare_completion("The capital of France is Paris, and the capital of Italy is Rome.")
+    params = SamplingParams(max_new_tokens=1, temperature=0.0, logprobs=True, top_logprobs=1, prompt_logprobs=1)
+    result = run(engine.generate(prompt, params))
+    model = AutoModelForCausalLM.from_pretrained(engine.loaded.location, dtype=torch.float32)
+    ids = prompt.token_ids
+    with torch.inference_mode():
+        expected = model(torch.tensor([ids + list(result.token_ids)])).logits[0].float().log_softmax(-1)
+    assert result.prompt_logprobs[0] is None
+    for position in range(1, len(ids)):
+        score = result.prompt_logprobs[position]
+        assert score is not None
+        assert abs(score.logprob - float(expected[position - 1, ids[position]])) < 1e-4, position
+        assert score.top[0][0] == int(expected[position - 1].argmax())
+    assert abs(result.logprobs[0] - float(expected[len(ids) - 1, result.token_ids[0]])) < 1e-4
+
+
 def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
     prompt = engine.prepare_completion("Once upon a time")
 
