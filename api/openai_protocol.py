@@ -5,6 +5,7 @@ Parameters OpenAI defines but this server can't honour are refused with a clear 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from api.protocol import MAX_PROMPT_CHARS
 from inference.errors import InvalidRequestError
+from inference.grammar import json_schema_grammar, schema_of
 from inference.params import MAX_SEED, MaxNewTokens, SamplingParams, TokenChoiceKnobs, build_sampling_params
 from inference.prompts import ChatMessage
 from inference.settings import Settings
@@ -64,6 +66,11 @@ class SamplingFields(TokenChoiceKnobs):
     store: bool | None = Field(default=None, description="Accepted for compatibility; nothing is stored.")
     metadata: dict[str, Text] | None = Field(default=None, description="Accepted for compatibility; not used.")
     service_tier: Text | None = Field(default=None, description="Accepted for compatibility; not used.")
+    response_format: dict[str, Any] | None = Field(
+        default=None,
+        description='`{"type": "json_object"}` or `{"type": "json_schema", "json_schema": {"schema": ...}}`: '
+        "decoding follows the schema, so the answer is valid JSON every time (unless cut by max_tokens).",
+    )
     # vLLM's extensions, which benchmark tools send to pin the answer's length
     ignore_eos: bool = Field(default=False, description="Keep generating past the end-of-sequence token.")
     min_tokens: int = Field(default=0, ge=0, description="No end-of-sequence token before this many tokens.")
@@ -78,7 +85,28 @@ class SamplingFields(TokenChoiceKnobs):
         refused = []
         if self.logit_bias:
             refused.append(("logit_bias", "`logit_bias` is not supported"))
+        if self.response_format and self.response_format.get("type") not in ("text", "json_object", "json_schema"):
+            refused.append(
+                ("response_format", '`response_format` must be of type "text", "json_object" or "json_schema"')
+            )
         return refused
+
+    @functools.cached_property
+    def grammar(self) -> str | None:
+        """The grammar `response_format` asks decoding to follow (None for plain text); a bad schema is a 422."""
+        kind = (self.response_format or {}).get("type")
+        if kind == "json_object":
+            return json_schema_grammar({"type": "object"}, "response_format")
+        if kind == "json_schema":
+            spec = (self.response_format or {}).get("json_schema")
+            if not isinstance(spec, dict):
+                raise InvalidRequestError(
+                    '`response_format.json_schema` must be an object holding the schema as `"schema"`',
+                    param="response_format.json_schema",
+                )
+            schema = schema_of(spec.get("schema", {"type": "object"}), "response_format.json_schema.schema")
+            return json_schema_grammar(schema, "response_format.json_schema.schema")
+        return None
 
     @model_validator(mode="after")
     def _check_supported(self) -> SamplingFields:
@@ -86,6 +114,7 @@ class SamplingFields(TokenChoiceKnobs):
         refused = self._refuse()
         if refused:
             raise InvalidRequestError("; ".join(why for _, why in refused), param=",".join(p for p, _ in refused))
+        _ = self.grammar  # a schema that can't be used is refused now, before any tokenizing
         return self
 
     def check_size(self, settings: Settings, prompts: int) -> None:
@@ -116,7 +145,7 @@ class SamplingFields(TokenChoiceKnobs):
                 f"`min_tokens` ({self.min_tokens}) must be at most `max_tokens` ({params.max_new_tokens})",
                 param="min_tokens",
             )
-        return replace(params, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
+        return replace(params, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, grammar=self.grammar)
 
     @property
     def include_usage(self) -> bool:
@@ -208,7 +237,6 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(
         default=None, ge=0, le=MAX_LOGPROBS, description="With `logprobs`, this many alternatives per token."
     )
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -219,8 +247,6 @@ class ChatCompletionRequest(SamplingFields):
             refused.append(("logprobs", "`logprobs` is not supported with `stream`"))
         if self.top_logprobs and not self.logprobs:
             refused.append(("top_logprobs", "`top_logprobs` needs `logprobs`: true"))
-        if self.response_format and self.response_format.get("type") != "text":
-            refused.append(("response_format", 'only `response_format` {"type": "text"} is supported'))
         if self.tools or self.tool_choice not in (None, "none"):
             refused.append(("tools", "tools and function calling are not supported"))
         return refused

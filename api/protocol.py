@@ -3,11 +3,13 @@ route (api/errors.py): the wire format, apart from what the engine itself return
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from inference.errors import InvalidRequestError
+from inference.grammar import json_schema_grammar
 from inference.params import MaxNewTokens, SamplingKnobs, SamplingParams, build_sampling_params
 from inference.settings import Settings
 from inference.text import Text
@@ -27,6 +29,9 @@ class GenerateRequest(SamplingKnobs):
         "MAX_NEW_TOKENS.",
     )
     stream: bool = Field(default=False, description="Answer with server-sent events as the text is generated.")
+    json_schema: dict[str, Any] | None = Field(
+        default=None, description="Decoding follows this JSON schema, so the text is valid JSON every time."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -38,7 +43,10 @@ class GenerateRequest(SamplingKnobs):
         return data
 
     def sampling_params(self, settings: Settings) -> SamplingParams:
-        return build_sampling_params(settings, **self.knobs())
+        params = build_sampling_params(settings, **self.knobs())
+        if self.json_schema is None:
+            return params
+        return replace(params, grammar=json_schema_grammar(self.json_schema, "json_schema"))
 
 
 class Usage(BaseModel):

@@ -6,6 +6,7 @@ server can't honour are refused with one 422 that names them all.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from api.protocol import MAX_PROMPT_CHARS
 from inference.errors import InvalidRequestError
+from inference.grammar import json_schema_grammar, regex_grammar, schema_of
 from inference.params import (
     AdditivePenalty,
     MaxNewTokens,
@@ -65,7 +67,6 @@ class TGIParameters(BaseModel):
                 ("top_n_tokens", not self.top_n_tokens),
                 ("typical_p", self.typical_p in (None, 1.0)),
                 ("watermark", not self.watermark),
-                ("grammar", self.grammar is None),
                 ("adapter_id", not self.adapter_id),
             )
             if not off
@@ -73,7 +74,23 @@ class TGIParameters(BaseModel):
         if refused:
             names = ", ".join(f"`{name}`" for name in refused)
             raise InvalidRequestError(f"not supported by this server: {names}", param=",".join(refused))
+        _ = self.compiled_grammar  # a grammar that can't be used is refused now
         return self
+
+    @functools.cached_property
+    def compiled_grammar(self) -> str | None:
+        """TGI's `grammar`: `{"type": "json", "value": <schema>}` or `{"type": "regex", "value": <pattern>}`."""
+        if self.grammar is None:
+            return None
+        kind, value = self.grammar.get("type"), self.grammar.get("value")
+        if kind in ("json", "json_object"):
+            return json_schema_grammar(schema_of(value, "grammar.value"), "grammar.value")
+        if kind == "regex" and isinstance(value, str):
+            return regex_grammar(value, "grammar.value")
+        raise InvalidRequestError(
+            '`grammar` must be {"type": "json", "value": <JSON schema>} or {"type": "regex", "value": <pattern>}',
+            param="grammar",
+        )
 
     @property
     def samples(self) -> bool:
@@ -95,7 +112,7 @@ class TGIParameters(BaseModel):
         else:
             knobs["temperature"] = 0.0
         # TGI's tokens always carry their log-probability (in the stream too): one log-sum-exp per row and step
-        return replace(build_sampling_params(settings, **knobs), logprobs=True)
+        return replace(build_sampling_params(settings, **knobs), logprobs=True, grammar=self.compiled_grammar)
 
 
 class TGIRequest(BaseModel):

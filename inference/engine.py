@@ -42,6 +42,7 @@ from inference.errors import (
     QueueFullError,
     RequestTimeoutError,
 )
+from inference.grammar import GrammarTokenizer
 from inference.loader import LoadedModel, load_model
 from inference.memory import release_free_heap_pages, return_freed_memory_promptly
 from inference.params import SamplingParams
@@ -119,6 +120,7 @@ class Engine(EngineClient):
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._eos_ids: set[int] = set()
+        self._grammars: GrammarTokenizer | None = None
         self._seeds = random.Random()
         self.prefixes = PrefixStore()
 
@@ -143,6 +145,9 @@ class Engine(EngineClient):
         self.loaded = self._loader(self.settings)
         self.formatter = PromptFormatter(self.loaded.tokenizer)
         self._eos_ids = _eos_token_ids(self.loaded)
+        self._grammars = GrammarTokenizer(self.loaded.tokenizer, self._eos_ids)
+        # built beside the warm-up rather than by the first request that asks for a grammar (a third of a second)
+        threading.Thread(target=lambda: self._grammars and self._grammars.lltokenizer, daemon=True).start()
         self._warm_up()
 
     def drain(self) -> None:
@@ -414,9 +419,10 @@ class Engine(EngineClient):
         this group alone."""
         assert self.loaded is not None
         started = time.monotonic()
-        for sequence in newcomers:
-            sequence.start(self.loaded.tokenizer, self._eos_ids, self._seeds.getrandbits(63), started)
         try:
+            for sequence in newcomers:
+                seed = self._seeds.getrandbits(63)
+                sequence.start(self.loaded.tokenizer, self._eos_ids, seed, started, self._grammars)
             for sequence in newcomers:
                 if sequence.params.prompt_logprobs is not None:
                     # a second pass over the prompt, for the few requests that ask (OpenAI's echo, lm-eval's scores)

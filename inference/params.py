@@ -120,6 +120,8 @@ class SamplingParams:
     # Load-testing extensions (vLLM's): keep generating past an end-of-sequence token; forbid it before this many.
     ignore_eos: bool = False
     min_tokens: int = 0
+    # An llguidance grammar (inference/grammar.py) every token must follow: JSON output, a TGI regex.
+    grammar: str | None = None
 
     @property
     def greedy(self) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inference.client import TokenLogprob
+from inference.grammar import Constraint
 from inference.params import MAX_TOP_K, SamplingParams
 
 MAX_CANDIDATES = MAX_TOP_K
@@ -31,18 +32,27 @@ class RowSampler:
     generated_counts: dict[int, int] = field(default_factory=dict)  # for the presence and frequency penalties
     forbidden_until_min: list[int] = field(default_factory=list)  # end-of-sequence ids, while under min_tokens
     generated: int = 0
+    constraint: Constraint | None = None  # the grammar its tokens follow, if any
 
     @classmethod
     def create(
-        cls, params: SamplingParams, prompt_ids: list[int], fallback_seed: int, eos_ids: Collection[int] = ()
+        cls,
+        params: SamplingParams,
+        prompt_ids: list[int],
+        fallback_seed: int,
+        eos_ids: Collection[int] = (),
+        constraint: Constraint | None = None,
     ) -> RowSampler:
         generator = torch.Generator()
         generator.manual_seed(params.seed if params.seed is not None else fallback_seed)
         forbidden = sorted(eos_ids) if params.min_tokens else []
-        return cls(params, generator, torch.tensor(prompt_ids, dtype=torch.long), forbidden_until_min=forbidden)
+        prompt = torch.tensor(prompt_ids, dtype=torch.long)
+        return cls(params, generator, prompt, forbidden_until_min=forbidden, constraint=constraint)
 
     def record(self, token_id: int) -> None:
         self.generated += 1
+        if self.constraint is not None:
+            self.constraint.advance(token_id)
         if self.params.repetition_penalty != 1.0:
             self.seen_tokens = torch.cat([self.seen_tokens, torch.tensor([token_id])])
         if self.params.presence_penalty or self.params.frequency_penalty:
@@ -89,6 +99,9 @@ def sample_next_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int
     logits = torch.nan_to_num(logits, nan=-FINITE_LIMIT, posinf=FINITE_LIMIT, neginf=-FINITE_LIMIT)
     # after the clamp: a forbidden token must stay below every finite logit
     forbid_early_end(logits, rows)
+    for index, row in enumerate(rows):
+        if row.constraint is not None:
+            row.constraint.restrict(logits[index])
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     if sampled:

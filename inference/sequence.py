@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from inference.client import Alternatives, GenerationResult, TextChunk, TokenLogprob
 from inference.detokenize import IncrementalDecoder, StopStringFilter
 from inference.errors import EngineError
+from inference.grammar import Constraint, GrammarTokenizer
 from inference.params import SamplingParams
 from inference.sampling import RowSampler
 
@@ -61,10 +62,21 @@ class Sequence:
         """Cache slots the request needs at most: its prompt and every token it may generate."""
         return len(self.prompt_ids) + self.params.max_new_tokens
 
-    def start(self, tokenizer: PreTrainedTokenizerBase, eos_ids: Collection[int], seed: int, now: float) -> None:
-        """Ready the request for decoding; `seed` is its random stream's seed unless it asked for its own."""
+    def start(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: Collection[int],
+        seed: int,
+        now: float,
+        grammars: GrammarTokenizer | None = None,
+    ) -> None:
+        """Ready the request for decoding; `seed` is its random stream's seed unless it asked for its own;
+        `grammars` makes the matcher of its grammar, if it has one."""
         self.started_at = now
-        self.sampler = RowSampler.create(self.params, self.prompt_ids, seed, eos_ids)
+        constraint = None
+        if self.params.grammar is not None and grammars is not None:
+            constraint = Constraint(grammars.matcher(self.params.grammar), grammars.lltokenizer.vocab_size)
+        self.sampler = RowSampler.create(self.params, self.prompt_ids, seed, eos_ids, constraint)
         self.seed = None if self.params.greedy else self.params.seed if self.params.seed is not None else seed
         self.decoder = IncrementalDecoder(tokenizer, self.prompt_ids)
         self.stops = StopStringFilter(self.params.stop)

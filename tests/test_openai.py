@@ -569,7 +569,11 @@ def test_huggingface_inference_client_chats_without_naming_a_model(
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"tool_choice": "required"}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}},
+            "response_format.json_schema.schema",
+        ),
         ({"logit_bias": {"5": 1.0}}, "logit_bias"),
         ({"top_p": 0}, "top_p"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
