@@ -10,6 +10,7 @@ Needs `playwright` (requirements-dev.txt) and Chromium at /usr/bin/chromium (`ap
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -235,6 +236,29 @@ def test_every_parameter_reaches_the_server(page: Page, submissions: list[Submis
     assert params.repetition_penalty == pytest.approx(1.9)
     assert params.seed == 1234
     assert params.stop == ("\n", "zzz")
+
+
+def test_a_json_schema_makes_the_reply_json(page: Page, submissions: list[Submission]) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    page.locator("#advanced").click()
+    page.locator("#json_schema textarea").fill(json.dumps(schema))
+    send(page, "Answer in JSON")
+    wait_for_stats(page)
+    assert submissions[-1].params.grammar is not None
+    reply = json.loads(conversation(page)[-1][1])
+    assert set(reply) == {"ok", "n"}
+    assert isinstance(reply["ok"], bool)
+    assert 0 <= reply["n"] <= 9
+    # a schema that can't be used says why, and the message stays to send again
+    page.locator("#json_schema textarea").fill('{"type": "nonsense"}')
+    send(page, "Again")
+    expect(page.locator("#chat_stats")).to_contain_text("JSON schema")
+    expect(page.locator("#message textarea")).to_have_value("Again")
 
 
 def test_a_preset_sets_the_sliders(page: Page, submissions: list[Submission], server: LiveServer) -> None:

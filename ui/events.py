@@ -59,7 +59,7 @@ def wire(ui: Playground, handlers: Handlers, settings: Settings) -> None:
         """Stream the model's reply once `start` has put the user's turn into the conversation."""
         reply = start.success(
             handlers.respond,
-            inputs={ui.chatbot, ui.system_prompt, *ui.knobs.values()},
+            inputs={ui.chatbot, ui.system_prompt, *ui.sampling_inputs},
             outputs=[ui.chatbot, ui.chat_stats, ui.message, ui.reply_progress],
             api_visibility=PRIVATE,
             show_progress="minimal",
@@ -117,7 +117,7 @@ def wire(ui: Playground, handlers: Handlers, settings: Settings) -> None:
     # ----- completion ---------------------------------------------------------------------------------------------
     completion = ui.complete.click(
         handlers.complete,
-        inputs={ui.prompt, *ui.knobs.values()},
+        inputs={ui.prompt, *ui.sampling_inputs},
         outputs=[ui.completion, ui.completion_stats, ui.completion_progress],
         api_visibility=PRIVATE,
         show_progress="minimal",

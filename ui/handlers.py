@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import gradio as gr
@@ -17,6 +17,7 @@ from gradio.components import Component
 
 from inference.client import EngineClient, GenerationResult, TextChunk, check_lengths
 from inference.errors import EngineError, GenerationError, InvalidRequestError
+from inference.grammar import json_schema_grammar, schema_of
 from inference.params import SamplingParams, build_sampling_params
 from inference.prompts import PreparedPrompt
 from inference.schemas import ModelInfo
@@ -232,9 +233,15 @@ class Handlers:
     # ----- the playground's chat ----------------------------------------------------------------------------------
 
     def _playground_params(self, inputs: dict[Component, Any]) -> SamplingParams:
-        """The sampling sliders' values, by knob name; the stop-strings box holds one string a line."""
+        """The sampling sliders' values, by knob name; the stop-strings box holds one string a line; a JSON schema,
+        if one is typed, constrains the reply."""
         knobs = self.ui.knob_values(inputs)
-        return self.sampling_params(**{**knobs, "stop": parse_stop(knobs["stop"])})
+        params = self.sampling_params(**{**knobs, "stop": parse_stop(knobs["stop"])})
+        schema = str(inputs.get(self.ui.json_schema) or "").strip()
+        if not schema:
+            return params
+        grammar = json_schema_grammar(schema_of(schema, "JSON schema"), "JSON schema")
+        return replace(params, grammar=grammar)
 
     async def respond(self, inputs: dict[Component, Any]) -> AsyncIterator[tuple[Any, str, Any, ReplyProgress]]:
         """Stream the reply to the last user turn into the conversation, with a live token count, then the stats.

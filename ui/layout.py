@@ -82,6 +82,12 @@ class Playground:
     repetition_penalty: gr.Slider
     seed: gr.Number
     stop_strings: gr.Textbox
+    json_schema: gr.Textbox
+
+    @property
+    def sampling_inputs(self) -> set[gr.components.Component]:
+        """What a chat reply or a completion is sampled by: the knobs, and the JSON schema it must follow."""
+        return {*self.knobs.values(), self.json_schema}
 
     @property
     def knobs(self) -> dict[str, gr.components.Component]:
@@ -141,7 +147,7 @@ def draw_parameters(settings: Settings) -> tuple[gr.Slider, gr.Slider, gr.Slider
     return temperature, top_p, top_k, max_length
 
 
-def draw_advanced(settings: Settings) -> tuple[gr.Slider, gr.Number, gr.Textbox]:
+def draw_advanced(settings: Settings) -> tuple[gr.Slider, gr.Number, gr.Textbox, gr.Textbox]:
     repetition_penalty = gr.Slider(
         REPETITION_PENALTY_SLIDER_MIN,
         REPETITION_PENALTY_SLIDER_MAX,
@@ -167,7 +173,15 @@ def draw_advanced(settings: Settings) -> tuple[gr.Slider, gr.Number, gr.Textbox]
         elem_id="stop_strings",
         info=f"one per line, at most {settings.max_stop_sequences}; type \\n for a newline",
     )
-    return repetition_penalty, seed, stop_strings
+    json_schema = gr.Textbox(
+        label="JSON schema",
+        lines=3,
+        max_lines=12,
+        placeholder='{"type": "object", "properties": {"answer": {"type": "string"}}}',
+        info="the reply follows this schema: valid JSON every time; empty = free text",
+        elem_id="json_schema",
+    )
+    return repetition_penalty, seed, stop_strings, json_schema
 
 
 def draw(settings: Settings) -> Playground:
@@ -244,7 +258,7 @@ def draw(settings: Settings) -> Playground:
             )
             temperature, top_p, top_k, max_length = draw_parameters(settings)
             with gr.Accordion("Advanced", open=False, elem_id="advanced"):
-                repetition_penalty, seed, stop_strings = draw_advanced(settings)
+                repetition_penalty, seed, stop_strings, json_schema = draw_advanced(settings)
     return Playground(
         chatbot=chatbot,
         chat_stats=chat_stats,
@@ -274,4 +288,5 @@ def draw(settings: Settings) -> Playground:
         repetition_penalty=repetition_penalty,
         seed=seed,
         stop_strings=stop_strings,
+        json_schema=json_schema,
     )
