@@ -724,6 +724,14 @@ def test_unknown_parameters_are_refused(http: httpx.Client, model: str) -> None:
     assert response.json()["error"]["param"] == "temprature"
 
 
+def test_an_unknown_nested_key_is_named_by_its_path(http: httpx.Client, model: str) -> None:
+    body = {"model": model, "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True, "x": 1}}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "stream_options.x"
+    assert "`stream_options.x` is not a known parameter" in response.json()["error"]["message"]
+
+
 def test_openai_fields_that_change_nothing_are_accepted(client: openai.OpenAI, model: str) -> None:
     """What the OpenAI SDK sends for bookkeeping is accepted and ignored; only what can't be honoured is refused."""
     plain = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4, **GREEDY)
