@@ -323,6 +323,7 @@ def test_the_playground_chat_takes_every_slider_by_its_knob(http: httpx.Client, 
         "repetition_penalty": 1.2,
         "seed": 11,
         "stop_strings": "zz\\n",
+        "json_schema": "",
     }
     history = [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]  # as the page's Chatbot sends it
     chatbot, stats, _, *_ = run_page_event(
