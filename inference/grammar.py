@@ -17,6 +17,7 @@ from typing import Any
 import llguidance
 import llguidance.hf
 import llguidance.torch
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -90,7 +91,17 @@ class Constraint:
     def restrict(self, logits: torch.Tensor) -> None:
         """Set every token the grammar doesn't allow next to -inf, in one row of logits (in place)."""
         llguidance.torch.fill_next_token_bitmask(self.matcher, self.mask, 0)
-        llguidance.torch.apply_token_bitmask_inplace(logits.unsqueeze(0), self.mask.to(logits.device))
+        logits.masked_fill_(~allowed_tokens(self.mask[0], logits.shape[-1]).to(logits.device), float("-inf"))
 
     def advance(self, token: int) -> None:
         self.matcher.consume_token(token)
+
+
+def allowed_tokens(mask: torch.Tensor, vocabulary: int) -> torch.Tensor:
+    """A bitmask (int32 words, token i at bit i % 32 of word i // 32) as one bool per token; tokens past the mask's
+    end (padding rows of the embedding) are not allowed. llguidance's own helper for this is a torch.compile kernel,
+    which needs a C++ compiler at run time and seconds of warm-up, so the bits are unpacked here instead."""
+    bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little")[:vocabulary]
+    allowed = torch.zeros(vocabulary, dtype=torch.bool)
+    allowed[: bits.size] = torch.from_numpy(bits.astype(np.bool_))
+    return allowed

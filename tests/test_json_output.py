@@ -14,6 +14,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+import torch
 
 from inference.engine import Engine
 from inference.grammar import json_schema_grammar
@@ -142,3 +143,12 @@ def test_rows_with_and_without_a_schema_share_a_batch(make_engine: Any, tiny_lla
     for text in texts[1:]:
         jsonschema.validate(json.loads(text), PERSON)
     assert engine.stats.largest_batch >= 4
+
+
+def test_a_bitmask_unpacks_to_the_tokens_it_allows() -> None:
+    from inference.grammar import allowed_tokens
+
+    mask = torch.tensor([0b101, 1, -1], dtype=torch.int32)  # tokens 0 and 2; 32; all of 64..95
+    allowed = allowed_tokens(mask, 100)
+    assert allowed.nonzero().flatten().tolist() == [0, 2, 32, *range(64, 96)]
+    assert allowed_tokens(mask, 40).nonzero().flatten().tolist() == [0, 2, 32]
