@@ -37,6 +37,7 @@ from inference.client import (
 from inference.errors import (
     EngineError,
     GenerationError,
+    InvalidRequestError,
     ModelNotFoundError,
     NotReadyError,
     QueueFullError,
@@ -472,6 +473,11 @@ class Engine(EngineClient):
         """Hand one sampled token to its request: pass on the text it makes visible, end the request if it is done."""
         if sequence.generated == 0:
             sequence.first_token_at = now
+        constraint = sequence.sampler.constraint if sequence.sampler is not None else None
+        if constraint is not None and constraint.error is not None:
+            message = f"The requested output format could not be followed: {constraint.error}"
+            self._fail(sequence, InvalidRequestError(message, param="response_format"))
+            return
         visible, finish_reason = sequence.accept(token, logprob)
         if visible:
             sequence.deliver(TextChunk(visible, sequence.generated, *sequence.unreported()))

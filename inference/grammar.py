@@ -25,6 +25,12 @@ from inference.errors import InvalidRequestError
 
 # JSON as llguidance writes it unless told otherwise: `", "` and `": "` between items, no other whitespace.
 COMPACT = {"whitespace_flexible": False}
+# Work one grammar may cost, below llguidance's defaults: the matchers run on the scheduler thread, so a grammar built
+# to be slow (a regex like `(a{1000}){1000}`) must not stall every other row. With these, that one's first mask takes
+# ~0.1 s instead of 0.65 s, a step at most a few ms; a grammar that runs out is that request's error alone.
+LIMITS = llguidance.LLParserLimits(
+    initial_lexer_fuel=200_000, step_lexer_fuel=50_000, step_max_items=20_000, max_lexer_states=20_000
+)
 
 
 def json_schema_grammar(schema: dict[str, Any], param: str) -> str:
@@ -43,7 +49,7 @@ def regex_grammar(pattern: str, param: str) -> str:
 
 
 def check(grammar: str, param: str) -> str:
-    problem = llguidance.LLMatcher.validate_grammar(grammar)
+    problem = llguidance.LLMatcher.validate_grammar(grammar, limits=LIMITS)
     if problem:
         raise InvalidRequestError(f"`{param}` can't constrain decoding: {problem.strip()}", param=param)
     return grammar
@@ -78,7 +84,7 @@ class GrammarTokenizer:
             return self._built
 
     def matcher(self, grammar: str) -> llguidance.LLMatcher:
-        return llguidance.LLMatcher(self.lltokenizer, grammar)
+        return llguidance.LLMatcher(self.lltokenizer, grammar, limits=LIMITS)
 
 
 class Constraint:
@@ -88,10 +94,19 @@ class Constraint:
         self.matcher = matcher
         self.mask = llguidance.torch.allocate_token_bitmask(1, vocabulary)
 
+    @property
+    def error(self) -> str | None:
+        """Why the grammar can't go on (it ran past LIMITS, say); the engine then fails this request alone."""
+        if not self.matcher.is_error():
+            return None
+        return str(self.matcher.get_error() or "the grammar failed")
+
     def restrict(self, logits: torch.Tensor) -> None:
-        """Set every token the grammar doesn't allow next to -inf, in one row of logits (in place)."""
+        """Set every token the grammar doesn't allow next to -inf, in one row of logits (in place). A matcher in
+        error leaves the row as it is: its request is failed right after sampling."""
         llguidance.torch.fill_next_token_bitmask(self.matcher, self.mask, 0)
-        logits.masked_fill_(~allowed_tokens(self.mask[0], logits.shape[-1]).to(logits.device), float("-inf"))
+        if not self.matcher.is_error():
+            logits.masked_fill_(~allowed_tokens(self.mask[0], logits.shape[-1]).to(logits.device), float("-inf"))
 
     def advance(self, token: int) -> None:
         self.matcher.consume_token(token)

@@ -152,3 +152,37 @@ def test_a_bitmask_unpacks_to_the_tokens_it_allows() -> None:
     allowed = allowed_tokens(mask, 100)
     assert allowed.nonzero().flatten().tolist() == [0, 2, 32, *range(64, 96)]
     assert allowed_tokens(mask, 40).nonzero().flatten().tolist() == [0, 2, 32]
+
+
+def test_a_grammar_that_fails_fails_its_request_alone(
+    make_engine: Any, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A matcher that can't go on (past its work limits, say) fails its own request with a 422, not the batch."""
+    from inference.errors import InvalidRequestError
+    from inference.grammar import Constraint
+
+    engine: Engine = make_engine(tiny_llama_dir)
+    assert engine.loaded is not None
+    forbidden = engine.loaded.tokenizer("x", add_special_tokens=False)["input_ids"][0]  # JSON can't start with x
+    original = Constraint.restrict
+
+    def breaking(self: Constraint, logits: torch.Tensor) -> None:
+        self.matcher.consume_token(forbidden)  # the matcher enters its error state, as past a limit
+        original(self, logits)
+
+    monkeypatch.setattr(Constraint, "restrict", breaking)
+    plain = PreparedPrompt([5, 6, 7, 8])
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+    constrained = SamplingParams(max_new_tokens=50, grammar=json_schema_grammar({"type": "object"}, "x"))
+
+    async def together() -> list[Any]:
+        return await asyncio.gather(
+            engine.generate(plain, greedy), engine.generate(plain, constrained), return_exceptions=True
+        )
+
+    alone = asyncio.run(engine.generate(plain, greedy)).text
+    plain_result, failed = asyncio.run(together())
+    assert plain_result.text == alone
+    assert isinstance(failed, InvalidRequestError)
+    assert "could not be followed" in failed.message
+    assert failed.param == "response_format"
