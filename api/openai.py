@@ -38,6 +38,7 @@ from api.openai_protocol import (
 )
 from api.sse import sse_response
 from inference.client import (
+    Alternatives,
     EngineClient,
     GenerationResult,
     RequestHandleBase,
@@ -161,20 +162,17 @@ async def results_of(handles: list[RequestHandleBase]) -> list[GenerationResult]
     return [result for result in results if result is not None]
 
 
-def completion_logprobs(
-    engine: EngineClient, prompt: PreparedPrompt, result: GenerationResult, echo: bool, echo_length: int
+def scores_of(logprobs: tuple[float, ...], tops: tuple[Alternatives, ...]) -> list[TokenLogprob | None]:
+    """Generated tokens' log-probabilities with their alternatives (none where no alternatives were asked for)."""
+    return [TokenLogprob(logprob, tops[i] if i < len(tops) else ()) for i, logprob in enumerate(logprobs)]
+
+
+def legacy_logprobs(
+    engine: EngineClient, token_ids: list[int], scores: list[TokenLogprob | None], first_offset: int
 ) -> CompletionLogprobs:
-    """OpenAI's logprobs object for one choice: the prompt's tokens first with `echo`, then every generated token (an
-    end-of-sequence one included, as lm-evaluation-harness counts on)."""
-    token_ids = list(result.token_ids)
-    scores: list[TokenLogprob | None] = [
-        TokenLogprob(logprob, top) for logprob, top in zip(result.logprobs, result.top_logprobs, strict=True)
-    ]
-    if echo:
-        token_ids = prompt.token_ids + token_ids
-        scores = list(result.prompt_logprobs) + scores
+    """OpenAI's legacy logprobs object for these tokens, the first one's text starting at `first_offset`."""
     texts = engine.token_texts(token_ids)
-    offsets, offset = [], 0 if echo else echo_length
+    offsets, offset = [], first_offset
     for text in texts:
         offsets.append(offset)
         offset += len(text)
@@ -196,8 +194,21 @@ def completion_logprobs(
     )
 
 
-def chat_logprobs(engine: EngineClient, result: GenerationResult) -> ChatLogprobs:
-    """OpenAI's chat logprobs: each generated token (an end-of-sequence one included) with its text, bytes,
+def completion_logprobs(
+    engine: EngineClient, prompt: PreparedPrompt, result: GenerationResult, echo: bool, echo_length: int
+) -> CompletionLogprobs:
+    """One choice's logprobs: the prompt's tokens first with `echo`, then every generated token (an end-of-sequence
+    one included, as lm-evaluation-harness counts on)."""
+    scores = scores_of(result.logprobs, result.top_logprobs)
+    if echo:
+        return legacy_logprobs(engine, prompt.token_ids + list(result.token_ids), [*result.prompt_logprobs, *scores], 0)
+    return legacy_logprobs(engine, list(result.token_ids), scores, echo_length)
+
+
+def chat_logprobs(
+    engine: EngineClient, token_ids: tuple[int, ...], logprobs: tuple[float, ...], tops: tuple[Alternatives, ...]
+) -> ChatLogprobs:
+    """OpenAI's chat logprobs for these generated tokens (an end-of-sequence one included): each one's text, bytes,
     log-probability and alternatives."""
 
     def entry(token_id: int, logprob: float) -> TopLogprob:
@@ -205,13 +216,39 @@ def chat_logprobs(engine: EngineClient, result: GenerationResult) -> ChatLogprob
         return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
 
     content = []
-    for token_id, logprob, top in zip(
-        result.token_ids, result.logprobs, result.top_logprobs or [()] * len(result.token_ids), strict=True
-    ):
-        chosen = entry(token_id, logprob)
-        alternatives = [entry(alternative, value) for alternative, value in top]
+    for token_id, score in zip(token_ids, scores_of(logprobs, tops), strict=True):
+        assert score is not None
+        chosen = entry(token_id, score.logprob)
+        alternatives = [entry(alternative, value) for alternative, value in score.top]
         content.append(ChatTokenLogprob(**chosen.model_dump(), top_logprobs=alternatives))
     return ChatLogprobs(content=content)
+
+
+class StreamedTokens:
+    """Per choice of a stream: how many of its tokens the chunks have carried (the tokens no chunk carried, an
+    end-of-sequence one say, go out with its last chunk) and where the next one's text starts."""
+
+    def __init__(self, offsets: list[int]) -> None:
+        self.sent = [0] * len(offsets)
+        self.offset = list(offsets)
+
+    def take(self, index: int, event: TextChunk | GenerationResult) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The tokens of `event` not sent yet, with their scores; from now on they count as sent."""
+        start = 0 if isinstance(event, TextChunk) else self.sent[index]
+        token_ids, scores = list(event.token_ids[start:]), scores_of(event.logprobs[start:], event.top_logprobs[start:])
+        self.sent[index] += len(token_ids)
+        return token_ids, scores
+
+    def legacy(self, engine: EngineClient, index: int, event: TextChunk | GenerationResult) -> CompletionLogprobs:
+        token_ids, scores = self.take(index, event)
+        logprobs = legacy_logprobs(engine, token_ids, scores, self.offset[index])
+        self.offset[index] += sum(len(text) for text in logprobs.tokens)
+        return logprobs
+
+    def chat(self, engine: EngineClient, index: int, event: TextChunk | GenerationResult) -> ChatLogprobs:
+        start = 0 if isinstance(event, TextChunk) else self.sent[index]
+        self.sent[index] += len(event.token_ids) - start
+        return chat_logprobs(engine, event.token_ids[start:], event.logprobs[start:], event.top_logprobs[start:])
 
 
 def model_card(settings: Settings) -> ModelCard:
@@ -261,8 +298,14 @@ async def completions(
         reason = OPENAI_FINISH_REASONS[result.finish_reason]
         return CompletionChoice(index=index, text=echo + result.text, finish_reason=reason, logprobs=logprobs)
 
-    def chunk(index: int, text: str, finish_reason: str | None, usage: OpenAIUsage | None = None) -> str:
-        choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason)
+    def chunk(
+        index: int,
+        text: str,
+        finish_reason: str | None,
+        usage: OpenAIUsage | None = None,
+        logprobs: CompletionLogprobs | None = None,
+    ) -> str:
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason, logprobs=logprobs)
         return body.chunk_json(
             Completion(id=completion_id, created=created, model=settings.model_id, choices=[choice], usage=usage)
         )
@@ -282,16 +325,18 @@ async def completions(
     async def events() -> AsyncIterator[str]:
         results: list[GenerationResult] = []
         usage = UsageSoFar(prompt_tokens, len(handles), body.continuous_usage)
+        streamed = StreamedTokens([len(echo) for echo in echoes])
         if body.echo:
             for index, echo in enumerate(echoes):
                 yield chunk(index, echo, None, usage.add(index, 0))
         async for index, event in merged_events(handles):
+            logprobs = streamed.legacy(engine, index, event) if body.logprobs is not None else None
             if isinstance(event, TextChunk):
-                yield chunk(index, event.text, None, usage.add(index, event.completion_tokens))
+                yield chunk(index, event.text, None, usage.add(index, event.completion_tokens), logprobs)
             else:
                 results.append(event)
                 reason = OPENAI_FINISH_REASONS[event.finish_reason]
-                yield chunk(index, "", reason, usage.add(index, event.completion_tokens))
+                yield chunk(index, "", reason, usage.add(index, event.completion_tokens), logprobs)
         if body.include_usage:
             final = Completion(
                 id=completion_id,
@@ -333,7 +378,7 @@ async def chat_completions(
                 index=i,
                 message=AssistantMessage(content=r.text),
                 finish_reason=OPENAI_FINISH_REASONS[r.finish_reason],
-                logprobs=chat_logprobs(engine, r) if body.logprobs else None,
+                logprobs=chat_logprobs(engine, r.token_ids, r.logprobs, r.top_logprobs) if body.logprobs else None,
             )
             for i, r in enumerate(results)
         ]
@@ -350,14 +395,16 @@ async def chat_completions(
         roles = [ChatChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(len(handles))]
         yield chunk(roles, usage.add(0, 0))
         results: list[GenerationResult] = []
+        streamed = StreamedTokens([0] * len(handles))
         async for index, event in merged_events(handles):
+            logprobs = streamed.chat(engine, index, event) if body.logprobs else None
             if isinstance(event, TextChunk):
-                delta = Delta(content=event.text)
-                yield chunk([ChatChunkChoice(index=index, delta=delta)], usage.add(index, event.completion_tokens))
+                choice = ChatChunkChoice(index=index, delta=Delta(content=event.text), logprobs=logprobs)
+                yield chunk([choice], usage.add(index, event.completion_tokens))
             else:
                 results.append(event)
                 reason = OPENAI_FINISH_REASONS[event.finish_reason]
-                finished = ChatChunkChoice(index=index, delta=Delta(), finish_reason=reason)
+                finished = ChatChunkChoice(index=index, delta=Delta(), finish_reason=reason, logprobs=logprobs)
                 yield chunk([finished], usage.add(index, event.completion_tokens))
         if body.include_usage:
             yield chunk([], usage_of(results, prompt_tokens))

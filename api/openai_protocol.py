@@ -179,8 +179,8 @@ class CompletionRequest(SamplingFields):
 
     def _refuse(self) -> list[tuple[str, str]]:
         refused = super()._refuse()
-        if self.logprobs is not None and self.stream:
-            refused.append(("logprobs", "`logprobs` is not supported with `stream`"))
+        if self.logprobs is not None and self.stream and self.echo:
+            refused.append(("echo", "`echo` with `logprobs` is not supported with `stream`"))
         if self.best_of not in (None, 1):
             refused.append(("best_of", "`best_of` other than 1 is not supported"))
         if self.suffix:
@@ -243,8 +243,6 @@ class ChatCompletionRequest(SamplingFields):
 
     def _refuse(self) -> list[tuple[str, str]]:
         refused = super()._refuse()
-        if self.logprobs and self.stream:
-            refused.append(("logprobs", "`logprobs` is not supported with `stream`"))
         if self.top_logprobs and not self.logprobs:
             refused.append(("top_logprobs", "`top_logprobs` needs `logprobs`: true"))
         if self.tools or self.tool_choice not in (None, "none"):
@@ -359,7 +357,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -58,6 +58,7 @@ class TextChunk:
     # log-probabilities where the request asked for them (SamplingParams.logprobs)
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[float, ...] = ()
+    top_logprobs: tuple[Alternatives, ...] = ()
 
 
 @dataclass(frozen=True)

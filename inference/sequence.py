@@ -104,10 +104,11 @@ class Sequence:
             return visible, "length"
         return visible, None
 
-    def unreported(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
-        """The tokens (and log-probabilities) not yet handed to the caller; from now on they count as handed."""
+    def unreported(self) -> tuple[tuple[int, ...], tuple[float, ...], tuple[Alternatives, ...]]:
+        """The tokens (their log-probabilities and alternatives, where asked) not yet handed to the caller; from now
+        on they count as handed."""
         start, self.reported = self.reported, len(self.token_ids)
-        return tuple(self.token_ids[start:]), tuple(self.logprobs[start:])
+        return tuple(self.token_ids[start:]), tuple(self.logprobs[start:]), tuple(self.top_logprobs[start:])
 
     def flush(self) -> str:
         """The request has ended: the text held back in case it began a stop string, which it now never will."""

@@ -321,6 +321,35 @@ def test_chat_logprobs_match_a_full_forward_pass(client: openai.OpenAI, model: s
         assert bytes(entry.bytes or []).decode("utf-8", errors="replace") == entry.token
 
 
+def test_streamed_logprobs_add_up_to_the_unstreamed_ones(client: openai.OpenAI, model: str) -> None:
+    arguments: dict[str, Any] = {"model": model, "max_tokens": 8, "logprobs": 2, **GREEDY}
+    whole = client.completions.create(prompt="Hello there", **arguments).choices[0].logprobs
+    assert whole is not None
+    tokens: list[str] = []
+    values: list[float | None] = []
+    offsets: list[int] = []
+    for chunk in client.completions.create(prompt="Hello there", stream=True, **arguments):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            tokens += chunk.choices[0].logprobs.tokens or []
+            values += chunk.choices[0].logprobs.token_logprobs or []
+            offsets += chunk.choices[0].logprobs.text_offset or []
+    assert tokens == whole.tokens
+    assert values == pytest.approx(whole.token_logprobs, abs=1e-5)
+    assert offsets == whole.text_offset
+    chat = {"model": model, "messages": MESSAGES, "max_tokens": 8, "logprobs": True, "top_logprobs": 2, **GREEDY}
+    reply = client.chat.completions.create(**chat).choices[0].logprobs
+    assert reply is not None
+    assert reply.content is not None
+    streamed = [
+        entry
+        for chunk in client.chat.completions.create(stream=True, **chat)
+        if chunk.choices and chunk.choices[0].logprobs is not None
+        for entry in chunk.choices[0].logprobs.content or []
+    ]
+    assert [entry.token for entry in streamed] == [entry.token for entry in reply.content]
+    assert [entry.logprob for entry in streamed] == pytest.approx([entry.logprob for entry in reply.content], abs=1e-5)
+
+
 def eager_to_end(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's model always wants to end: its end-of-sequence token is the likeliest at every step."""
     assert engine.loaded is not None
@@ -564,7 +593,6 @@ def test_huggingface_inference_client_chats_without_naming_a_model(
     [
         ({"temperature": 5}, "temperature"),
         ({"n": 4}, "n"),
-        ({"logprobs": True, "stream": True}, "logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
@@ -596,11 +624,11 @@ def test_chat_refusals_are_422(client: openai.OpenAI, model: str, kwargs: dict[s
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
-        ({"logprobs": 2, "stream": True}, "logprobs"),
+        ({"logprobs": 2, "stream": True, "echo": True}, "echo"),
         ({"logprobs": 21}, "logprobs"),
         ({"best_of": 2}, "best_of"),
         ({"suffix": "end"}, "suffix"),
-        ({"logprobs": 2, "stream": True, "suffix": "end"}, "logprobs,suffix"),
+        ({"logprobs": 2, "stream": True, "echo": True, "suffix": "end"}, "echo,suffix"),
         ({"prompt": [3, 10**9]}, "prompt"),
         ({"n": 4}, "n"),
         ({"prompt": ""}, "prompt"),
@@ -765,6 +793,6 @@ def test_one_refusal_names_every_unsupported_chat_parameter(client: openai.OpenA
         )
     body = caught.value.body
     assert isinstance(body, dict)
-    assert body["param"] == "logit_bias,logprobs,tools", body
-    for name in ("logit_bias", "logprobs", "tools"):
+    assert body["param"] == "logit_bias,tools", body
+    for name in ("logit_bias", "tools"):
         assert name in body["message"]
