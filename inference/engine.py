@@ -49,8 +49,9 @@ from inference.memory import release_free_heap_pages, return_freed_memory_prompt
 from inference.params import SamplingParams
 from inference.prefix_cache import MIN_PREFIX_TOKENS, CachedPrefix, PrefixStore
 from inference.prompts import PreparedPrompt, PromptFormatter
-from inference.sampling import sample_next_tokens, token_logprobs
+from inference.sampling import sample_next_tokens
 from inference.schemas import ModelInfo, ServerLimits, WeightsInfo
+from inference.scoring import token_logprobs
 from inference.sequence import Event, Sequence
 from inference.settings import Settings
 

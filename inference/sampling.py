@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inference.client import TokenLogprob
 from inference.grammar import Constraint
 from inference.params import MAX_TOP_K, SamplingParams
 
@@ -138,23 +137,3 @@ def _sample_rows(logits: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
     picks = torch.minimum(picks, last_kept)
     # 6. map each pick back to its token id
     return indices.gather(1, picks).squeeze(1)
-
-
-@torch.inference_mode()
-def token_logprobs(logits: torch.Tensor, tokens: list[int], wanted: list[int | None]) -> list[TokenLogprob | None]:
-    """Each chosen token's log-probability under the model's own distribution (before penalties, temperature and
-    truncation, as vLLM reports them) and its row's `wanted[i]` likeliest alternatives; None where `wanted[i]` is."""
-    rows = [index for index, want in enumerate(wanted) if want is not None]
-    result: list[TokenLogprob | None] = [None] * len(tokens)
-    if not rows:
-        return result
-    logprobs = logits[rows].float().log_softmax(dim=-1)
-    chosen = torch.tensor([tokens[index] for index in rows], device=logits.device).unsqueeze(1)
-    values = logprobs.gather(1, chosen).squeeze(1).tolist()
-    most = max(wanted[index] or 0 for index in rows)
-    top_values, top_ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long())
-    for position, (index, value) in enumerate(zip(rows, values, strict=True)):
-        count = wanted[index] or 0
-        top = tuple(zip(top_ids[position, :count].tolist(), top_values[position, :count].tolist(), strict=True))
-        result[index] = TokenLogprob(value, top)
-    return result
