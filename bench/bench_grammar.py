@@ -56,7 +56,7 @@ def main() -> int:
 
     def rows(count: int, constrained: bool) -> list[RowSampler]:
         def constraint() -> Constraint | None:
-            return Constraint(grammars.matcher(grammar), grammars.lltokenizer.vocab_size) if constrained else None
+            return grammars.constraint(grammar) if constrained else None
 
         return [RowSampler.create(params, [1], seed, eos, constraint()) for seed in range(count)]
 

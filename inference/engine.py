@@ -147,9 +147,9 @@ class Engine(EngineClient):
         self.loaded = self._loader(self.settings)
         self.formatter = PromptFormatter(self.loaded.tokenizer)
         self._eos_ids = _eos_token_ids(self.loaded)
-        self._grammars = GrammarTokenizer(self.loaded.tokenizer, self._eos_ids)
+        grammars = self._grammars = GrammarTokenizer(self.loaded.tokenizer, self._eos_ids)
         # built beside the warm-up rather than by the first request that asks for a grammar (a third of a second)
-        threading.Thread(target=lambda: self._grammars and self._grammars.lltokenizer, daemon=True).start()
+        threading.Thread(target=lambda: grammars.lltokenizer, daemon=True).start()
         self._warm_up()
 
     def drain(self) -> None:

@@ -83,8 +83,10 @@ class GrammarTokenizer:
                 self._built = llguidance.hf.from_tokenizer(self._tokenizer, eos_token=eos)  # type: ignore[arg-type]
             return self._built
 
-    def matcher(self, grammar: str) -> llguidance.LLMatcher:
-        return llguidance.LLMatcher(self.lltokenizer, grammar, limits=LIMITS)
+    def constraint(self, grammar: str) -> Constraint:
+        """A fresh matcher of `grammar` over this vocabulary, for one request."""
+        tokenizer = self.lltokenizer
+        return Constraint(llguidance.LLMatcher(tokenizer, grammar, limits=LIMITS), tokenizer.vocab_size)
 
 
 class Constraint:

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from inference.client import Alternatives, GenerationResult, TextChunk, TokenLogprob
 from inference.detokenize import IncrementalDecoder, StopStringFilter
 from inference.errors import EngineError
-from inference.grammar import Constraint, GrammarTokenizer
+from inference.grammar import GrammarTokenizer
 from inference.params import SamplingParams
 from inference.sampling import RowSampler
 
@@ -75,7 +75,7 @@ class Sequence:
         self.started_at = now
         constraint = None
         if self.params.grammar is not None and grammars is not None:
-            constraint = Constraint(grammars.matcher(self.params.grammar), grammars.lltokenizer.vocab_size)
+            constraint = grammars.constraint(self.params.grammar)
         self.sampler = RowSampler.create(self.params, self.prompt_ids, seed, eos_ids, constraint)
         self.seed = None if self.params.greedy else self.params.seed if self.params.seed is not None else seed
         self.decoder = IncrementalDecoder(tokenizer, self.prompt_ids)
