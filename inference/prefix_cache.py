@@ -52,10 +52,6 @@ class CachedPrefix:
             cache.update(keys.expand(rows, -1, -1, -1).clone(), values.expand(rows, -1, -1, -1).clone(), index)
         return cache
 
-    @property
-    def nbytes(self) -> int:
-        return sum(tensor.numel() * tensor.element_size() for tensor in (*self.keys, *self.values))
-
 
 class PrefixStore:
     """The openings kept, longest match first."""
@@ -68,9 +64,6 @@ class PrefixStore:
 
     def longest_opening(self, prompt: list[int]) -> CachedPrefix | None:
         return next((prefix for prefix in self._prefixes if prefix.opens(prompt)), None)
-
-    def __len__(self) -> int:
-        return len(self._prefixes)
 
 
 def common_opening(token_lists: list[list[int]]) -> list[int]:
