@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -162,13 +162,13 @@ async def results_of(handles: list[RequestHandleBase]) -> list[GenerationResult]
     return [result for result in results if result is not None]
 
 
-def scores_of(logprobs: tuple[float, ...], tops: tuple[Alternatives, ...]) -> list[TokenLogprob | None]:
+def scores_of(logprobs: tuple[float, ...], tops: tuple[Alternatives, ...]) -> list[TokenLogprob]:
     """Generated tokens' log-probabilities with their alternatives (none where no alternatives were asked for)."""
     return [TokenLogprob(logprob, tops[i] if i < len(tops) else ()) for i, logprob in enumerate(logprobs)]
 
 
 def legacy_logprobs(
-    engine: EngineClient, token_ids: list[int], scores: list[TokenLogprob | None], first_offset: int
+    engine: EngineClient, token_ids: list[int], scores: Sequence[TokenLogprob | None], first_offset: int
 ) -> CompletionLogprobs:
     """OpenAI's legacy logprobs object for these tokens, the first one's text starting at `first_offset`."""
     texts = engine.token_texts(token_ids)
@@ -205,9 +205,7 @@ def completion_logprobs(
     return legacy_logprobs(engine, list(result.token_ids), scores, echo_length)
 
 
-def chat_logprobs(
-    engine: EngineClient, token_ids: tuple[int, ...], logprobs: tuple[float, ...], tops: tuple[Alternatives, ...]
-) -> ChatLogprobs:
+def chat_logprobs(engine: EngineClient, token_ids: list[int], scores: list[TokenLogprob]) -> ChatLogprobs:
     """OpenAI's chat logprobs for these generated tokens (an end-of-sequence one included): each one's text, bytes,
     log-probability and alternatives."""
 
@@ -216,8 +214,7 @@ def chat_logprobs(
         return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
 
     content = []
-    for token_id, score in zip(token_ids, scores_of(logprobs, tops), strict=True):
-        assert score is not None
+    for token_id, score in zip(token_ids, scores, strict=True):
         chosen = entry(token_id, score.logprob)
         alternatives = [entry(alternative, value) for alternative, value in score.top]
         content.append(ChatTokenLogprob(**chosen.model_dump(), top_logprobs=alternatives))
@@ -232,7 +229,7 @@ class StreamedTokens:
         self.sent = [0] * len(offsets)
         self.offset = list(offsets)
 
-    def take(self, index: int, event: TextChunk | GenerationResult) -> tuple[list[int], list[TokenLogprob | None]]:
+    def take(self, index: int, event: TextChunk | GenerationResult) -> tuple[list[int], list[TokenLogprob]]:
         """The tokens of `event` not sent yet, with their scores; from now on they count as sent."""
         start = 0 if isinstance(event, TextChunk) else self.sent[index]
         token_ids, scores = list(event.token_ids[start:]), scores_of(event.logprobs[start:], event.top_logprobs[start:])
@@ -246,9 +243,7 @@ class StreamedTokens:
         return logprobs
 
     def chat(self, engine: EngineClient, index: int, event: TextChunk | GenerationResult) -> ChatLogprobs:
-        start = 0 if isinstance(event, TextChunk) else self.sent[index]
-        self.sent[index] += len(event.token_ids) - start
-        return chat_logprobs(engine, event.token_ids[start:], event.logprobs[start:], event.top_logprobs[start:])
+        return chat_logprobs(engine, *self.take(index, event))
 
 
 def model_card(settings: Settings) -> ModelCard:
@@ -378,7 +373,9 @@ async def chat_completions(
                 index=i,
                 message=AssistantMessage(content=r.text),
                 finish_reason=OPENAI_FINISH_REASONS[r.finish_reason],
-                logprobs=chat_logprobs(engine, r.token_ids, r.logprobs, r.top_logprobs) if body.logprobs else None,
+                logprobs=chat_logprobs(engine, list(r.token_ids), scores_of(r.logprobs, r.top_logprobs))
+                if body.logprobs
+                else None,
             )
             for i, r in enumerate(results)
         ]
