@@ -36,8 +36,10 @@ STREAM_DESCRIPTION = (
 )
 
 
-async def submit(body: TGIRequest, engine: EngineClient, settings: Settings, request: Request) -> RequestHandleBase:
-    params = body.parameters.sampling_params(settings)
+async def submit(
+    body: TGIRequest, engine: EngineClient, settings: Settings, request: Request, streamed: bool
+) -> RequestHandleBase:
+    params = body.parameters.sampling_params(settings, streamed)
     prompt = await engine.tokenize_completion(body.inputs, param="inputs")
     truncate = body.parameters.truncate
     if truncate is not None and len(prompt.token_ids) > truncate:
@@ -71,7 +73,7 @@ async def generate_tgi(
     body: TGIRequest, request: Request, response: Response, engine: EngineClient, settings: Settings
 ) -> TGIResponse | EventSourceResponse:
     """`/generate` with TGI's body: TGI's answer, or its token events with `"stream": true`."""
-    handle = await submit(body, engine, settings, request)
+    handle = await submit(body, engine, settings, request, streamed=body.stream)
     if body.stream:
         return sse_response(stream_events(body, handle, engine), {"x-request-id": handle.request_id})
     result = await handle.result()
@@ -132,7 +134,7 @@ async def generate_stream(
     body: TGIRequest, request: Request, engine: EngineDep, settings: SettingsDep
 ) -> EventSourceResponse:
     """TGI's streaming route: the answer token by token."""
-    handle = await submit(body, engine, settings, request)
+    handle = await submit(body, engine, settings, request, streamed=True)
     return sse_response(stream_events(body, handle, engine), {"x-request-id": handle.request_id})
 
 

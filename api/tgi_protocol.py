@@ -98,7 +98,9 @@ class TGIParameters(BaseModel):
         warpers = self.temperature not in (None, 1.0) or self.top_k not in (None, 0) or self.top_p not in (None, 1.0)
         return self.do_sample or warpers
 
-    def sampling_params(self, settings: Settings) -> SamplingParams:
+    def sampling_params(self, settings: Settings, streamed: bool) -> SamplingParams:
+        """The engine's parameters; tokens' log-probabilities only where the answer shows them (`details`, or every
+        streamed token event), since they cost a log-softmax over the vocabulary per row and step."""
         knobs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
             "repetition_penalty": self.repetition_penalty,
@@ -111,8 +113,8 @@ class TGIParameters(BaseModel):
             knobs |= {"temperature": temperature, "top_k": self.top_k or 0, "top_p": self.top_p or 1.0}
         else:
             knobs["temperature"] = 0.0
-        # TGI's tokens always carry their log-probability (in the stream too): one log-sum-exp per row and step
-        return replace(build_sampling_params(settings, **knobs), logprobs=True, grammar=self.compiled_grammar)
+        params = build_sampling_params(settings, **knobs)
+        return replace(params, logprobs=self.details or streamed, grammar=self.compiled_grammar)
 
 
 class TGIRequest(BaseModel):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import Submission
 from tests.live_server import LiveServer, serve
 
 PROMPT = "The quick brown fox"
@@ -132,3 +133,14 @@ def test_info_in_tgis_shape(server: LiveServer) -> None:
     assert info["max_input_tokens"] == settings.max_input_tokens
     assert info["max_total_tokens"] == settings.max_input_tokens + settings.max_new_tokens
     assert httpx.get(f"{server.url}/generate_stream").status_code == 405
+
+
+def test_log_probabilities_are_computed_only_where_the_answer_shows_them(
+    hf: Any, submissions: list[Submission]
+) -> None:
+    hf.text_generation(PROMPT, max_new_tokens=3)
+    assert not submissions[-1].params.logprobs
+    hf.text_generation(PROMPT, max_new_tokens=3, details=True)
+    assert submissions[-1].params.logprobs
+    list(hf.text_generation(PROMPT, max_new_tokens=3, stream=True))
+    assert submissions[-1].params.logprobs
