@@ -25,6 +25,7 @@ from api.health import router as health_router
 from api.metrics import HttpMetricsMiddleware, Metrics
 from api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from api.openai import router as openai_router
+from api.refusals import RefusalBudget, RefusalThrottleMiddleware
 from api.routes import router
 from api.server import DrainingServer, server_config
 from api.tgi import router as tgi_router
@@ -77,6 +78,12 @@ def create_app(
     install_error_handlers(app)
     # Added innermost first: request ids and metrics see every request, even one refused for its size.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.state.refusal_budget = None
+    if settings.refused_bytes_per_s > 0:  # outside the size limit, so its 413s are charged too
+        app.state.refusal_budget = RefusalBudget(
+            settings.refused_bytes_per_s, settings.refused_bytes_burst, settings.refusal_max_wait_s
+        )
+        app.add_middleware(RefusalThrottleMiddleware, budget=app.state.refusal_budget)
     # Always present, even with no origin listed: Gradio then leaves CORS to it (mount_gradio_app's documented
     # switch) instead of adding its own layer, which grants any Origin, with credentials, when Host isn't localhost.
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])

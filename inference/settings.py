@@ -97,6 +97,13 @@ class Settings(BaseSettings):
     # Seconds a client has to send a request's line and headers, after connecting or once it starts a request;
     # slower ones get 408 and are closed, so half-open connections don't pile up.
     header_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    # A client's refused requests (4xx other than 429) may total REFUSED_BYTES_BURST bytes of bodies, refilled at
+    # REFUSED_BYTES_PER_S; a refusal beyond that is answered only when the refill covers it, at most
+    # REFUSAL_MAX_WAIT_S later. So nobody can keep the server reading megabytes it will refuse, while a client that
+    # is refused now and then never waits. Served requests are never held. 0 turns it off.
+    refused_bytes_per_s: int = Field(default=1_000_000, ge=0)
+    refused_bytes_burst: int = Field(default=8_000_000, ge=0)
+    refusal_max_wait_s: float = Field(default=10.0, gt=0, le=600)
     # On SIGTERM: stop taking requests, give running ones this long to finish, then cancel what is left and exit.
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     # If the model fails to load: exit with the reason (true), or keep serving /health with it as a 503 (false).
