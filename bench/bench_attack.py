@@ -1,5 +1,8 @@
 """A normal request's latency while the server is under the input attack of issue 12, against its latency alone.
 
+Run here, it measures two servers in turn: the defaults, and the same with REFUSED_BYTES_PER_S=0 (refused requests
+never held back), to show what holding them is worth.
+
 The attack: six clients sending ~1 MB prompts (each refused with 422) and one sending a list of 20,000 prompts, all
 as fast as the server answers, each client its own process. Meanwhile one client sends a normal request (a 16-token
 greedy /generate) again and again. Target: its median latency under attack within 1.5x of its median alone. Rounds
@@ -21,6 +24,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
@@ -30,6 +34,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_description  # noqa: E402
 from tests.live_server import free_port  # noqa: E402
 
 NORMAL = {"prompt": "The three primary colours are", "max_new_tokens": 16, "temperature": 0}
@@ -68,7 +73,13 @@ def latencies(url: str, count: int) -> list[float]:
     return seconds
 
 
-def start_server(stack: ExitStack, pids: list[int]) -> str:
+@dataclass
+class StartedServer:
+    url: str
+    process: psutil.Process
+
+
+def start_server(stack: ExitStack, overrides: dict[str, str]) -> StartedServer:
     port = free_port()
     environment = {
         **os.environ,
@@ -77,17 +88,17 @@ def start_server(stack: ExitStack, pids: list[int]) -> str:
         "LOG_LEVEL": "WARNING",
         "HF_HUB_OFFLINE": "1",
         "GRADIO_ANALYTICS_ENABLED": "False",
+        **overrides,
     }
     server = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=environment)
     stack.callback(server.wait, 30)
     stack.callback(server.terminate)
-    pids.append(server.pid)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return url
+                return StartedServer(url, psutil.Process(server.pid))
         except httpx.TransportError:
             pass
         time.sleep(0.5)
@@ -108,26 +119,29 @@ def describe(name: str, seconds: list[float]) -> str:
     return f"| {name} ({len(seconds)} requests) | {statistics.median(seconds):.2f} s | {p90:.2f} s |"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", help="an already running server (default: start app.py here with its defaults)")
-    parser.add_argument("--rounds", type=int, default=4, help="alone-then-attacked rounds (default 4)")
-    parser.add_argument("--requests", type=int, default=5, help="normal requests measured per phase (default 5)")
-    parser.add_argument("--attacker-nice", type=int, default=19, help="the attack clients' niceness (default 19)")
-    parser.add_argument("--report", type=Path, help="also write the section to this file (docs/benchmarks-attack.md)")
-    options = parser.parse_args()
-    with ExitStack() as stack:
-        server_pids: list[int] = []
-        url = options.url or start_server(stack, server_pids)
-        server = psutil.Process(server_pids[0]) if server_pids else None
-        server_cpu_s = 0.0
-        latencies(url, 3)  # warm up
-        manager = stack.enter_context(multiprocessing.Manager())
+@dataclass
+class Outcome:
+    alone: list[float]
+    attacked: list[float]
+    answered: dict[str, int]
+    attack_seconds: float
+    health: int
+    cores_alone: float | None
+    cores_attacked: float | None
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.attacked) / statistics.median(self.alone)
+
+
+def measure(url: str, server: psutil.Process | None, options: argparse.Namespace) -> Outcome:
+    """Alternating rounds: the normal request alone, then while the attack runs."""
+    latencies(url, 3)  # warm up
+    with multiprocessing.Manager() as manager:
         counts = manager.dict()
         alone: list[float] = []
         attacked: list[float] = []
-        attack_seconds = 0.0
-        alone_seconds = alone_cpu_s = 0.0
+        attack_seconds = alone_seconds = alone_cpu_s = attack_cpu_s = 0.0
         for _ in range(options.rounds):
             alone_from, cpu_from = time.perf_counter(), cpu_seconds(server)
             alone += latencies(url, options.requests)
@@ -139,8 +153,7 @@ def main() -> int:
                 multiprocessing.Process(target=attacker, args=(url, kind, stop, counts, options.attacker_nice))
                 for kind in kinds
             ]
-            attack_from = time.perf_counter()
-            cpu_from = cpu_seconds(server)
+            attack_from, cpu_from = time.perf_counter(), cpu_seconds(server)
             for process in attackers:
                 process.start()
             time.sleep(2)  # the attack in full swing
@@ -149,35 +162,78 @@ def main() -> int:
             for process in attackers:
                 process.join(60)
             attack_seconds += time.perf_counter() - attack_from
-            server_cpu_s += cpu_seconds(server) - cpu_from
-        ratio = statistics.median(attacked) / statistics.median(alone)
+            attack_cpu_s += cpu_seconds(server) - cpu_from
         answered = dict(sorted(counts.items()))
-        health = httpx.get(f"{url}/health", timeout=10).status_code
+    health = httpx.get(f"{url}/health", timeout=10).status_code
+    return Outcome(
+        alone,
+        attacked,
+        answered,
+        attack_seconds,
+        health,
+        alone_cpu_s / alone_seconds if server else None,
+        attack_cpu_s / attack_seconds if server else None,
+    )
+
+
+def describe_outcome(name: str, outcome: Outcome, options: argparse.Namespace) -> list[str]:
     lines = [
-        "## A normal request under an input attack",
-        "",
-        f"`python bench/bench_attack.py` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): a 16-token greedy "
-        "`/generate` measured alone and while six clients send ~1 MB prompts and one sends a list of 20,000 "
-        f"prompts, each as fast as it is answered; {options.rounds} alternating rounds of {options.requests} requests.",
+        f"{name}:",
         "",
         "| | median | p90 |",
         "| --- | --- | --- |",
-        describe("alone", alone),
-        describe("under attack", attacked),
+        describe("alone", outcome.alone),
+        describe("under attack", outcome.attacked),
         "",
-        f"Under attack: **{ratio:.2f}x** the median alone (target: at most 1.5x). The attack sent "
-        f"{sum(answered.values())} requests in {attack_seconds:.0f} s, answered {answered}; `/health` after: {health}. "
-        f"Attack clients at niceness {options.attacker_nice}.",
+        f"Under attack: **{outcome.ratio:.2f}x** the median alone (target: at most 1.5x). The attack sent "
+        f"{sum(outcome.answered.values())} requests in {outcome.attack_seconds:.0f} s, answered {outcome.answered}; "
+        f"`/health` after: {outcome.health}. Attack clients at niceness {options.attacker_nice}.",
     ]
-    if server is not None:
+    if outcome.cores_alone is not None:
         lines[-1] += (
-            f" The server used {alone_cpu_s / alone_seconds:.2f} cores alone and {server_cpu_s / attack_seconds:.2f} "
-            "under attack."
+            f" The server used {outcome.cores_alone:.2f} cores alone and {outcome.cores_attacked:.2f} under attack."
         )
+    return [*lines, ""]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="an already running server (default: start app.py here, as below)")
+    parser.add_argument("--rounds", type=int, default=4, help="alone-then-attacked rounds (default 4)")
+    parser.add_argument("--requests", type=int, default=5, help="normal requests measured per phase (default 5)")
+    parser.add_argument("--attacker-nice", type=int, default=19, help="the attack clients' niceness (default 19)")
+    parser.add_argument("--report", type=Path, help="also write the section to this file (docs/benchmarks-attack.md)")
+    options = parser.parse_args()
+    # Started here: the defaults, and the same with refusals never held, to show what holding them is worth.
+    configurations: dict[str, dict[str, str]] = {
+        "The server with its defaults": {},
+        "With `REFUSED_BYTES_PER_S=0` (refusals never held)": {"REFUSED_BYTES_PER_S": "0"},
+    }
+    outcomes: dict[str, Outcome] = {}
+    if options.url:
+        outcomes["The server at " + options.url] = measure(options.url, None, options)
+    else:
+        for name, overrides in configurations.items():
+            with ExitStack() as stack:
+                server = start_server(stack, overrides)
+                outcomes[name] = measure(server.url, server.process, options)
+    lines = [
+        "## A normal request under an input attack",
+        "",
+        f"`python bench/bench_attack.py` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"on {cpu_description()}): "
+        "a 16-token greedy `/generate` measured alone and while six clients send ~1 MB prompts and one sends a list "
+        f"of 20,000 prompts, each as fast as it is answered; {options.rounds} alternating rounds of "
+        f"{options.requests} requests.",
+        "",
+    ]
+    for name, outcome in outcomes.items():
+        lines += describe_outcome(name, outcome, options)
     print("\n".join(lines))
     if options.report:
-        options.report.write_text("\n".join(lines) + "\n")
-    return 0 if ratio <= 1.5 and health == 200 else 1
+        options.report.write_text("\n".join(lines))
+    first = next(iter(outcomes.values()))
+    return 0 if first.ratio <= 1.5 and first.health == 200 else 1
 
 
 if __name__ == "__main__":
