@@ -3,7 +3,7 @@
     python bench/bench_decode.py            # default model; writes its section of docs/benchmarks.md
 
 Compares transformers' forward in float32 (what the engine used before) with the lean Llama forward in float32,
-float16 weights and int8 (each as TorchScript, and the last two also eager), each step timed in turn (interleaved,
+float16 weights, int8 and int4 (each as TorchScript, float16 and int8 also eager), each step timed in turn (interleaved,
 so a noisy neighbour slows all alike), medians.
 Also measures this machine's memory bandwidth and, from the bytes each format reads per step, the weight-read bound:
 batch-1 decoding cannot be faster than reading every weight once.
@@ -52,6 +52,8 @@ def _module_bytes(module: torch.nn.Module) -> int:
         return weight.numel() * weight.element_size()
     size = module.in_features * module.out_features
     kind = getattr(module, "original_name", type(module).__name__)  # a scripted module keeps its class's name there
+    if kind == "Int4Linear":  # half a byte a weight, and a bfloat16 scale and zero per group of 32
+        return size // 2 + size // 32 * 4
     return size * (1 if kind == "Int8Linear" else 2)
 
 
@@ -91,6 +93,7 @@ def main() -> int:
         "lean float16": LlamaDecoder(model, _factory("float16", absmax), embedding_dtype=torch.float16),
         "lean int8 eager": LlamaDecoder(model, _factory("int8", absmax), embedding_dtype=torch.float16, compiled=False),
         "lean int8": LlamaDecoder(model, _factory("int8", absmax), embedding_dtype=torch.float16),
+        "lean int4": LlamaDecoder(model, _factory("int4", absmax), embedding_dtype=torch.float16),
     }
     bandwidth = memory_bandwidth_gb_s()
     results: dict[str, Any] = {"cpu": cpu_description(), "threads": threads, "bandwidth_gb_s": bandwidth, "rows": {}}

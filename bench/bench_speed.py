@@ -71,7 +71,7 @@ SUBJECTS = [
     "a quiet island",
 ]
 NEW_TOKENS = 64
-FORMATS = ("none", "float16", "int8")
+FORMATS = ("none", "float16", "int8", "int4")
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """How the engine runs the model: its forward pass (transformers' own, or the lean Llama one) and its weight format.
 
 `build_decoder` turns a loaded transformers model into a `Decoder` and decides QUANTIZATION: with `auto` on a CPU it
-tries int8, then float16 weights, and keeps the first that passes the quality check against float32 on a built-in
-text (quantization.QualityCheck), so quality is checked on the machine and model it serves. The check's verdicts
-(and int8's calibration) are kept in MODEL_CACHE_DIR, keyed by the model's weights, so only the first start pays
-for them (`python -m inference.prepare` does it ahead of time).
+tries int4, int8, then float16 weights (fewest bytes a step first), and keeps the first that passes the quality check
+against float32 on a built-in text (quantization.QualityCheck), so quality is checked on the machine and model it
+serves. The check's verdicts (and int8's calibration) are kept in MODEL_CACHE_DIR, keyed by the model's weights, so
+only the first start pays for them (`python -m inference.prepare` does it ahead of time).
 """
 
 from __future__ import annotations
@@ -30,12 +30,20 @@ from inference.client import TokenLogprob
 from inference.errors import ModelNotFoundError
 from inference.kv_cache import SlotCache
 from inference.prefix_cache import CachedPrefix
-from inference.quantization import QualityCheck, QuantizedFormat, compare, fbgemm_available, input_absmax, make_linear
+from inference.quantization import (
+    QualityCheck,
+    QuantizedFormat,
+    compare,
+    fbgemm_available,
+    input_absmax,
+    int4_available,
+    make_linear,
+)
 from inference.scoring import prompt_token_logprobs
 
 logger = logging.getLogger(__name__)
 
-WeightFormat = Literal["none", "float16", "int8"]
+WeightFormat = Literal["none", "float16", "int8", "int4"]
 # Tokens of the built-in texts used at most (calibration and the quality check each take one forward pass).
 CHECK_TOKENS = 512
 # Bump when the quality check or how a format is built changes, so verdicts cached by an older version are redone.
@@ -147,7 +155,8 @@ def _weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
 
 def _factory(fmt: QuantizedFormat, absmax: dict[str, torch.Tensor]) -> fast_llama.LinearFactory:
     def make(weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> nn.Module:
-        # the LM head is the layer most sensitive to int8 (its error lands straight on the logits): float16 there
+        # the LM head is the layer most sensitive to int8 (its error lands straight on the logits), and the bundled
+        # SmolLM2's is 8-bit (Q8_0), which int4 would coarsen: float16 there
         kind: QuantizedFormat = "float16" if name == "lm_head" else fmt
         return make_linear(kind, weight, bias, absmax.get(name))
 
@@ -173,7 +182,10 @@ def _candidates(setting: str, device: torch.device, dtype: torch.dtype) -> list[
     """The formats to try, best first; an explicit one that can't run here is a configuration error."""
     usable = device.type == "cpu" and dtype == torch.float32 and fbgemm_available()
     if setting == "auto":
-        return ["int8", "float16", "none"] if usable else ["none"]
+        smallest_first: list[WeightFormat] = ["int4", "int8", "float16", "none"]
+        return [fmt for fmt in smallest_first if fmt != "int4" or int4_available()] if usable else ["none"]
+    if setting == "int4" and not int4_available():
+        raise ModelNotFoundError(f"QUANTIZATION=int4 needs torch 2.5 or later (this is {torch.__version__}).")
     if setting != "none" and not usable:
         raise ModelNotFoundError(
             f"QUANTIZATION={setting} needs float32 weights on an x86 CPU with fbgemm (AVX2); this server has "

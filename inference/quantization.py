@@ -31,7 +31,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-QuantizedFormat = Literal["int8", "float16"]
+QuantizedFormat = Literal["int4", "int8", "float16"]
 
 # Weights use 7 bits (±63) so that fbgemm's AVX2 kernel, which adds pairs of uint8 x int8 products in int16, can't
 # saturate with 8-bit activations (255 * 63 * 2 < 32767); 8-bit weights with 7-bit activations measured worse.
@@ -42,11 +42,18 @@ ACTIVATION_ZERO_POINT = 128
 # SmoothQuant's migration strength: 0.5 splits the outliers' range evenly between activations and weights.
 SMOOTHING_ALPHA = 0.5
 TINY = 1e-30
+# int4 weights come in groups of this many inputs, each with its own scale and offset (GGUF's Q4_1 uses 32).
+INT4_GROUP = 32
 
 
 def fbgemm_available() -> bool:
     """Whether this torch build has the fbgemm kernels (x86 CPUs with AVX2)."""
     return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def int4_available() -> bool:
+    """Whether this torch build has the CPU int4 weight-only matmul (torch 2.5 and later)."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
 def _pack_int8(weight: torch.Tensor) -> tuple[torch.ScriptObject, torch.Tensor]:
@@ -105,12 +112,50 @@ class Float16Linear(nn.Module):
         return y.reshape(list(x.shape[:-1]) + [self.out_features])  # noqa: RUF005 (TorchScript: no star in calls)
 
 
+class Int4Linear(nn.Module):
+    """`y = x W^T + b` with 4-bit weights in groups of 32 inputs, each group with its own scale and offset, and
+    bfloat16 activations (torch's `_weight_int4pack_mm_for_cpu`, whose bfloat16 path is the fast one), out in float32.
+
+    That layout is GGUF's Q4_1, the format the bundled SmolLM2 ships in: its float weights are Q4_1 values, whose
+    groups this recovers (every group spans its 16 levels), so for it int4 reads a quarter of float16's bytes and
+    changes only the rounding of scales and activations to bfloat16. A row's numbers don't depend on its batch."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        groups = weight.detach().float().reshape(self.out_features, -1, INT4_GROUP)
+        low = groups.amin(dim=-1, keepdim=True)
+        scale = ((groups.amax(dim=-1, keepdim=True) - low) / 15).clamp_min(TINY)
+        levels = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.reshape(weight.shape), 1)
+        # the kernel computes (level - 8) * scale + zero, so zero is the group's low end moved up by 8 levels
+        scales_and_zeros = torch.cat([scale, low + 8 * scale], dim=-1)  # [out, groups, 2]
+        self.scales_and_zeros = scales_and_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.bias: torch.Tensor | None = None if bias is None else bias.detach().float().clone()
+        self.group = INT4_GROUP
+
+    @staticmethod
+    def fits(weight: torch.Tensor) -> bool:
+        """The kernel's shape rules: outputs a multiple of 16, inputs of the group size."""
+        return weight.shape[0] % 16 == 0 and weight.shape[1] % INT4_GROUP == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_and_zeros).float()
+        bias = self.bias
+        if bias is not None:
+            y = y + bias
+        return y.reshape(list(x.shape[:-1]) + [self.out_features])  # noqa: RUF005 (TorchScript: no star in calls)
+
+
 def make_linear(
     fmt: QuantizedFormat, weight: torch.Tensor, bias: torch.Tensor | None, input_absmax: torch.Tensor | None
 ) -> nn.Module:
+    if fmt == "int4" and Int4Linear.fits(weight):
+        return Int4Linear(weight, bias)
     if fmt == "int8":
         return Int8Linear(weight, bias, input_absmax)
-    return Float16Linear(weight, bias)
+    return Float16Linear(weight, bias)  # and int4's layers of a shape its kernel can't take
 
 
 # ----- calibration and the quality check ---------------------------------------------------------------------------

@@ -34,9 +34,13 @@ class QualityInfo(BaseModel):
 
 
 class WeightsInfo(BaseModel):
-    format: Literal["none", "float16", "int8"] = Field(description="QUANTIZATION as served; `none` is plain `dtype`.")
+    format: Literal["none", "float16", "int8", "int4"] = Field(
+        description="QUANTIZATION as served; `none` is plain `dtype`."
+    )
     reason: str
-    quality: QualityInfo | None = Field(description="How these weights compare with float32 (for int8 and float16).")
+    quality: QualityInfo | None = Field(
+        description="How these weights compare with float32 (for int4, int8 and float16)."
+    )
     seconds: float = Field(description="Start-up time spent calibrating, checking and packing them.")
 
 

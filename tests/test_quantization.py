@@ -12,12 +12,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from inference import decoders
 from inference.quantization import (
+    INT4_GROUP,
     Float16Linear,
+    Int4Linear,
     Int8Linear,
     QualityCheck,
     compare,
     fbgemm_available,
     input_absmax,
+    int4_available,
+    make_linear,
     perplexity,
 )
 
@@ -77,6 +81,67 @@ def test_smoothing_tames_an_outlier_channel(weight: torch.Tensor, rows: torch.Te
 def test_float16_weights_compute_in_float32(weight: torch.Tensor, rows: torch.Tensor) -> None:
     half_weight = weight.half().float()  # what float16 storage can hold: then only float32 rounding differs
     torch.testing.assert_close(Float16Linear(weight, None)(rows), rows @ half_weight.T, rtol=1e-5, atol=1e-5)
+
+
+# ----- int4 -----------------------------------------------------------------------------------------------------------
+
+needs_int4 = pytest.mark.skipif(not int4_available(), reason="torch's CPU int4 matmul needs torch 2.5 or later")
+
+
+def q4_1_weight(out_features: int = 96, in_features: int = 64) -> torch.Tensor:
+    """Weights as GGUF's Q4_1 stores them (the bundled SmolLM2's layers): in each group of 32 inputs, 16 evenly
+    spaced levels from the group's own low end, every level used at both ends."""
+    torch.manual_seed(2)
+    groups = in_features // INT4_GROUP
+    levels = torch.randint(0, 16, (out_features, groups, INT4_GROUP)).float()
+    levels[..., 0], levels[..., 1] = 0, 15
+    scale = torch.rand(out_features, groups, 1) * 0.01 + 0.001
+    low = -torch.rand(out_features, groups, 1) * 0.1
+    return (levels * scale + low).reshape(out_features, in_features)
+
+
+@needs_int4
+def test_int4_recovers_q4_1_weights(rows: torch.Tensor) -> None:
+    """Multiplying by the identity reads the weights back: within bfloat16 rounding of them, far inside the half
+    step (3% of a group's range) that rounding arbitrary weights to 16 levels costs."""
+    weight = q4_1_weight()
+    read_back = Int4Linear(weight, None)(torch.eye(64)).T
+    assert (read_back - weight).abs().max() < 0.005 * (weight.max() - weight.min())
+    assert relative_error(Int4Linear(weight, None)(rows), rows @ weight.T) < 0.01
+
+
+@needs_int4
+def test_int4_is_close_to_float32_for_any_weights(weight: torch.Tensor, rows: torch.Tensor) -> None:
+    assert relative_error(Int4Linear(weight, None)(rows), rows @ weight.T) < 0.15  # 16 levels a group: coarse
+
+
+@needs_int4
+def test_int4_rows_are_the_same_alone_and_batched(rows: torch.Tensor) -> None:
+    layer = Int4Linear(q4_1_weight(), None)
+    alone = torch.cat([layer(rows[i : i + 1]) for i in range(len(rows))])
+    assert torch.equal(alone, layer(rows))
+
+
+@needs_int4
+def test_int4_adds_the_bias_and_keeps_leading_dimensions(rows: torch.Tensor) -> None:
+    weight, bias = q4_1_weight(), torch.linspace(-3, 3, 96)
+    torch.testing.assert_close(
+        Int4Linear(weight, bias)(rows) - Int4Linear(weight, None)(rows), bias.expand(16, 96), rtol=0, atol=1e-5
+    )
+    assert Int4Linear(weight, None)(torch.randn(2, 3, 64)).shape == (2, 3, 96)
+
+
+@needs_int4
+def test_int4_layers_of_a_shape_its_kernel_cannot_take_stay_float16() -> None:
+    assert isinstance(make_linear("int4", torch.randn(96, 64), None, None), Int4Linear)
+    assert isinstance(make_linear("int4", torch.randn(40, 64), None, None), Float16Linear)  # outputs not 16k
+    assert isinstance(make_linear("int4", torch.randn(96, 48), None, None), Float16Linear)  # inputs not 32k
+
+
+@needs_int4
+def test_int4_runs_as_torchscript(rows: torch.Tensor) -> None:
+    layer = Int4Linear(q4_1_weight(), None)
+    assert torch.equal(torch.jit.script(layer)(rows), layer(rows))
 
 
 def test_input_absmax_records_each_channels_largest_value() -> None:
@@ -154,13 +219,14 @@ def test_a_format_that_failed_before_is_not_built_again(
 ) -> None:
     model, tokenizer = tiny_llama
     cache = decoders.CheckCache(tmp_path, model)
+    cache.record("int4", QualityCheck(10.0, 10.1, 0.9))
     cache.record("int8", QualityCheck(10.0, 20.0, 0.5))
     cache.record("float16", QualityCheck(10.0, 10.0, 1.0))
     forbid_measuring(monkeypatch)
     monkeypatch.setattr(
         decoders,
         "make_linear",
-        lambda fmt, *args: pytest.fail(f"built {fmt}") if fmt == "int8" else Float16Linear(*args[:2]),
+        lambda fmt, *args: pytest.fail(f"built {fmt}") if fmt != "float16" else Float16Linear(*args[:2]),
     )
     _, choice = decoders.build_decoder(model, tokenizer, "auto", tmp_path)
     assert choice.format == "float16"
