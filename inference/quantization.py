@@ -141,7 +141,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_and_zeros).float()
+        product: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            rows, self.packed, self.group, self.scales_and_zeros
+        )
+        y = product.float()
         bias = self.bias
         if bias is not None:
             y = y + bias
