@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.machine import cpu_description  # noqa: E402
 from bench.report import replace_section  # noqa: E402
-from inference.quantization import Float16Linear, Int8Linear  # noqa: E402
+from inference.quantization import Float16Linear, Int4Linear, Int8Linear  # noqa: E402
 
 # (out, in) of one SmolLM2-135M layer's projections: fused q/k/v, attention output, fused gate/up, down
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
@@ -40,6 +40,7 @@ def variants(weights: list[torch.Tensor]) -> dict[str, list[Layer]]:
         "float32 (F.linear)": [lambda x, w=w: torch.nn.functional.linear(x, w) for w in weights],
         "fbgemm float16 weights (served)": [Float16Linear(w, None) for w in weights],
         "fbgemm int8, per-row activations (served)": [Int8Linear(w, None, None) for w in weights],
+        "aten int4 in groups of 32, bfloat16 activations (served)": [Int4Linear(w, None) for w in weights],
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
