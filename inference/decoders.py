@@ -1,9 +1,9 @@
 """How the engine runs the model: its forward pass (transformers' own, or the lean Llama one) and its weight format.
 
 `build_decoder` turns a loaded transformers model into a `Decoder` and decides QUANTIZATION: with `auto` on a CPU it
-tries int4, int8, then float16 weights (fewest bytes a step first), and keeps the first that passes the quality check
-against float32 on a built-in text (quantization.QualityCheck), so quality is checked on the machine and model it
-serves. The check's verdicts (and int8's calibration) are kept in MODEL_CACHE_DIR, keyed by the model's weights, so
+tries int8, then float16 weights, and keeps the first that passes the quality check against float32 on a built-in
+text (quantization.QualityCheck), so quality is checked on the machine and model it serves; int4 runs when asked
+for. The check's verdicts (and int8's calibration) are kept in MODEL_CACHE_DIR, keyed by the model's weights, so
 only the first start pays for them (`python -m inference.prepare` does it ahead of time).
 """
 
@@ -182,8 +182,9 @@ def _candidates(setting: str, device: torch.device, dtype: torch.dtype) -> list[
     """The formats to try, best first; an explicit one that can't run here is a configuration error."""
     usable = device.type == "cpu" and dtype == torch.float32 and fbgemm_available()
     if setting == "auto":
-        smallest_first: list[WeightFormat] = ["int4", "int8", "float16", "none"]
-        return [fmt for fmt in smallest_first if fmt != "int4" or int4_available()] if usable else ["none"]
+        # int4 is left to an explicit setting: fastest for one client, slower than float16 from ~12 rows up, and its
+        # bfloat16 activations let a text differ alone and batched (docs/benchmarks.md)
+        return ["int8", "float16", "none"] if usable else ["none"]
     if setting == "int4" and not int4_available():
         raise ModelNotFoundError(f"QUANTIZATION=int4 needs torch 2.5 or later (this is {torch.__version__}).")
     if setting != "none" and not usable:

@@ -44,9 +44,10 @@ class Settings(BaseSettings):
     # `auto` is float32 on the CPU and float16 on CUDA. `bfloat16` on a CPU with AMX serves ~1.5x the tokens/s under
     # load in less memory, but a request's text may then differ alone and batched (docs/benchmarks.md).
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    # Weight format on the CPU. `auto` tries int4, int8, then float16 weights, and keeps the first whose perplexity
-    # on a built-in text stays within 3% of float32's and whose likeliest next token agrees at 98% of positions
-    # (checked at the first start); `none` keeps float32 (docs/benchmarks.md).
+    # Weight format on the CPU. `auto` tries int8, then float16 weights, and keeps the first whose perplexity on a
+    # built-in text stays within 3% of float32's and whose likeliest next token agrees at 98% of positions (checked at
+    # the first start); `int4` is the fastest for one client and the smallest; `none` keeps float32
+    # (docs/benchmarks.md).
     quantization: Literal["auto", "none", "float16", "int8", "int4"] = "auto"
     # torch intra-op threads; 0 means one per core. Measured on 2 cores: see docs/benchmarks.md.
     torch_threads: int = Field(default=0, ge=0, le=256)

@@ -117,15 +117,14 @@ def test_chat_prompts_reuse_the_template_opening(engine_name: str, request: pyte
 
 
 def test_auto_serves_smaller_weights_that_pass_the_quality_check(engine: Engine) -> None:
-    """On an x86 CPU, QUANTIZATION=auto serves int4, int8 or float16 weights, whichever is smallest and passes the
-    check against float32 (perplexity within 3%, the likeliest token kept at 98% of positions): for SmolLM2, whose
-    layers ship as 4-bit (Q4_1) weights, int4."""
+    """On an x86 CPU, QUANTIZATION=auto serves int8 or float16 weights, whichever is smallest and passes the check
+    against float32 (perplexity within 3%, the likeliest token kept at 98% of positions); int4 only when asked."""
     assert engine.loaded is not None
     weights = engine.loaded.weights
     if not fbgemm_available():
         assert weights.format == "none"
         return
-    assert weights.format in ("int4", "int8", "float16"), weights.reason
+    assert weights.format in ("int8", "float16"), weights.reason
     assert weights.quality is not None
     assert weights.quality.passes
 
