@@ -29,7 +29,7 @@ from inference import fast_llama
 from inference.client import TokenLogprob
 from inference.errors import ModelNotFoundError
 from inference.kv_cache import SlotCache
-from inference.prefix_cache import CachedPrefix
+from inference.prefix_cache import CachedPrefix, prefill_start
 from inference.quantization import (
     QualityCheck,
     QuantizedFormat,
@@ -86,13 +86,13 @@ class TransformersDecoder:
         self, prompts: list[list[int]], prefix: CachedPrefix | None = None
     ) -> tuple[DynamicCache, torch.Tensor]:
         device = self.model.device
-        skip, width = (len(prefix) if prefix else 0), len(prompts[0])
-        input_ids = torch.tensor([prompt[skip:] for prompt in prompts], dtype=torch.long, device=device)
+        skip, cache, rest = prefill_start(prefix, prompts)
+        width = len(prompts[0])
         output = self.model(
-            input_ids=input_ids,
+            input_ids=torch.tensor(rest, dtype=torch.long, device=device),
             attention_mask=torch.ones((len(prompts), width), dtype=torch.long, device=device),
             position_ids=torch.arange(skip, width, device=device).expand(len(prompts), -1),
-            cache=prefix.cache_for(len(prompts)) if prefix else DynamicCache(),
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )

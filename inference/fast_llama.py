@@ -21,7 +21,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from inference.client import TokenLogprob
 from inference.kv_cache import SlotCache
-from inference.prefix_cache import CachedPrefix
+from inference.prefix_cache import CachedPrefix, prefill_start
 from inference.scoring import prompt_token_logprobs
 
 # Makes a linear layer from (weight [out, in], bias or None, name); the quantization mode decides its kind.
@@ -314,10 +314,8 @@ class LlamaDecoder:
     ) -> tuple[DynamicCache, torch.Tensor]:
         """Run same-length prompts through the model; return their cache and the last position's logits. With
         `prefix`, an opening every prompt starts with, only the tokens after it are computed."""
-        skip = len(prefix) if prefix else 0
-        cache = prefix.cache_for(len(prompts)) if prefix else DynamicCache()
-        input_ids = torch.tensor([prompt[skip:] for prompt in prompts], dtype=torch.long, device=self.device)
-        hidden = self._prompt_forward(input_ids, cache, skip)
+        skip, cache, rest = prefill_start(prefix, prompts)
+        hidden = self._prompt_forward(torch.tensor(rest, dtype=torch.long, device=self.device), cache, skip)
         logits: torch.Tensor = self.lm_head(hidden[:, -1])
         return cache, logits
 

@@ -53,6 +53,14 @@ class CachedPrefix:
         return cache
 
 
+def prefill_start(prefix: CachedPrefix | None, prompts: list[list[int]]) -> tuple[int, DynamicCache, list[list[int]]]:
+    """Where a prefill of `prompts` begins: how many tokens its cache already holds (the prefix's), that cache, and
+    each prompt's tokens still to compute."""
+    if prefix is None:
+        return 0, DynamicCache(), prompts
+    return len(prefix), prefix.cache_for(len(prompts)), [prompt[len(prefix) :] for prompt in prompts]
+
+
 class PrefixStore:
     """The openings kept, longest match first."""
 
