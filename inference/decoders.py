@@ -182,8 +182,8 @@ def _candidates(setting: str, device: torch.device, dtype: torch.dtype) -> list[
     """The formats to try, best first; an explicit one that can't run here is a configuration error."""
     usable = device.type == "cpu" and dtype == torch.float32 and fbgemm_available()
     if setting == "auto":
-        # int4 is left to an explicit setting: fastest for one client, slower than float16 from ~12 rows up, and its
-        # bfloat16 activations let a text differ alone and batched (docs/benchmarks.md)
+        # int4 is left to an explicit setting: fastest for one client, but slower than float16 from ~12 rows up,
+        # prefills included (docs/benchmarks.md)
         return ["int8", "float16", "none"] if usable else ["none"]
     if setting == "int4" and not int4_available():
         raise ModelNotFoundError(f"QUANTIZATION=int4 needs torch 2.5 or later (this is {torch.__version__}).")
