@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,23 +76,15 @@ def test_the_budget_forgets_the_least_recent_clients_beyond_its_size() -> None:
 # ----- the middleware, on a small app whose sleeps are recorded -----------------------------------------------------
 
 
-async def refuse(request: Request) -> Response:
-    await request.body()
-    return JSONResponse({"error": "no"}, status_code=422)
+def answering(status: int, read_body: bool = True) -> Callable[[Request], Awaitable[Response]]:
+    """A route that reads the body (or not) and answers `status`."""
 
+    async def answer(request: Request) -> Response:
+        if read_body:
+            await request.body()
+        return JSONResponse({"status": status}, status_code=status)
 
-async def serve_it(request: Request) -> Response:
-    await request.body()
-    return JSONResponse({"ok": True})
-
-
-async def busy(request: Request) -> Response:
-    await request.body()
-    return JSONResponse({"error": "busy"}, status_code=429)
-
-
-async def unread(request: Request) -> Response:
-    return JSONResponse({"error": "too large"}, status_code=413)
+    return answer
 
 
 class Recorded:
@@ -101,7 +93,12 @@ class Recorded:
     def __init__(self) -> None:
         self.slept: list[float] = []
         self.budget = RefusalBudget(bytes_per_s=1000, burst_bytes=2000, max_wait_s=5, clock=FakeClock())
-        routes = {"/refuse": refuse, "/ok": serve_it, "/busy": busy, "/unread": unread}
+        routes = {
+            "/refuse": answering(422),
+            "/ok": answering(200),
+            "/busy": answering(429),
+            "/unread": answering(413, False),
+        }
         app = Starlette(routes=[Route(path, handler, methods=["POST"]) for path, handler in routes.items()])
         app.add_middleware(RefusalThrottleMiddleware, budget=self.budget, sleep=self.record)
         self.app = app
