@@ -287,14 +287,19 @@ class _Measurements:
 
 
 def build_decoder(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, setting: str, checks: Path | None = None
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    setting: str,
+    checks: Path | None = None,
+    lean_forward: bool = True,
 ) -> tuple[Decoder, WeightChoice]:
     """The decoder for `model` in the weight format QUANTIZATION=`setting` asks for (or `auto` chooses); `checks`
-    is the folder that keeps quality verdicts between starts (None: measure every time)."""
+    is the folder that keeps quality verdicts between starts (None: measure every time); `lean_forward` False keeps
+    transformers' forward for every model (LEAN_FORWARD)."""
     started = time.perf_counter()
     candidates = _candidates(setting, model.device, model.dtype)
     # the lean forward computes in float32; other dtypes (bfloat16 on AMX, float16 on CUDA) keep transformers'
-    lean = fast_llama.supports(model) and model.dtype == torch.float32
+    lean = lean_forward and fast_llama.supports(model) and model.dtype == torch.float32
     plain = TransformersDecoder(model)
 
     def float32_decoder() -> Decoder:

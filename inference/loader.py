@@ -220,7 +220,9 @@ def load_model(settings: Settings) -> LoadedModel:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     loaded_at = time.perf_counter()
-    decoder, weights = build_decoder(model, tokenizer, settings.quantization, quality_checks_folder(settings))
+    decoder, weights = build_decoder(
+        model, tokenizer, settings.quantization, quality_checks_folder(settings), lean_forward=settings.lean_forward
+    )
     seconds = time.perf_counter() - started
     if settings.dtype == "auto" and device.type == "cpu" and cpu_has_bf16_matrix_units():
         logger.info(

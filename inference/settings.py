@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     # the first start); `int4` is the fastest for one client and the smallest; `none` keeps float32
     # (docs/benchmarks.md).
     quantization: Literal["auto", "none", "float16", "int8", "int4"] = "auto"
+    # Llama-architecture models run a lean forward pass of their own in float32 (inference/fast_llama.py, ~1.3x
+    # transformers' at batch 1); false runs transformers' forward for every model: the app as it was before that,
+    # for comparison (bench/bench_speed.py's baseline as issue 11 found it) or if a model misbehaves under the lean one.
+    lean_forward: bool = True
     # torch intra-op threads; 0 means one per core. Measured on 2 cores: see docs/benchmarks.md.
     torch_threads: int = Field(default=0, ge=0, le=256)
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from inference import decoders
+from inference import decoders, fast_llama
 from inference.quantization import (
     INT4_GROUP,
     Float16Linear,
@@ -252,3 +252,16 @@ def test_an_unreadable_cache_only_costs_the_measurement(
     assert choice.quality is not None
     assert "unreadable quality-check cache" in caplog.text
     assert decoders.CheckCache(tmp_path, model).verdicts  # rewritten
+
+
+def test_lean_forward_false_keeps_transformers_forward_with_the_same_numbers(
+    tiny_llama: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> None:
+    model, tokenizer = tiny_llama
+    lean, _ = decoders.build_decoder(model, tokenizer, "none")
+    plain, choice = decoders.build_decoder(model, tokenizer, "none", lean_forward=False)
+    assert isinstance(lean, fast_llama.LlamaDecoder)
+    assert isinstance(plain, decoders.TransformersDecoder)
+    assert choice.format == "none"
+    token_ids = torch.tensor([[3, 4, 5, 6, 7]])
+    torch.testing.assert_close(plain.logits(token_ids), lean.logits(token_ids), rtol=1e-4, atol=1e-4)
