@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # Weight format on the CPU. `auto` tries int8, then float16 weights, and keeps the first whose perplexity on a
     # built-in text stays within 3% of float32's and whose likeliest next token agrees at 98% of positions (checked at
-    # the first start); `int4` is the fastest for one client and the smallest; `none` keeps float32
+    # the first start); `int4` is the smallest (and on some CPUs the fastest for one client); `none` keeps float32
     # (docs/benchmarks.md).
     quantization: Literal["auto", "none", "float16", "int8", "int4"] = "auto"
     # Llama-architecture models run a lean forward pass of their own in float32 (inference/fast_llama.py, ~1.3x
