@@ -16,7 +16,7 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
+import llguidance.numpy
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -94,7 +94,7 @@ class Constraint:
 
     def __init__(self, matcher: llguidance.LLMatcher, vocabulary: int) -> None:
         self.matcher = matcher
-        self.mask = llguidance.torch.allocate_token_bitmask(1, vocabulary)
+        self.mask = llguidance.numpy.allocate_token_bitmask(1, vocabulary)
 
     @property
     def error(self) -> str | None:
@@ -106,7 +106,7 @@ class Constraint:
     def restrict(self, logits: torch.Tensor) -> None:
         """Set every token the grammar doesn't allow next to -inf, in one row of logits (in place). A matcher in
         error leaves the row as it is: its request is failed right after sampling."""
-        llguidance.torch.fill_next_token_bitmask(self.matcher, self.mask, 0)
+        llguidance.numpy.fill_next_token_bitmask(self.matcher, self.mask, 0)
         if not self.matcher.is_error():
             logits.masked_fill_(~allowed_tokens(self.mask[0], logits.shape[-1]).to(logits.device), float("-inf"))
 
@@ -114,11 +114,12 @@ class Constraint:
         self.matcher.consume_token(token)
 
 
-def allowed_tokens(mask: torch.Tensor, vocabulary: int) -> torch.Tensor:
+def allowed_tokens(mask: np.ndarray, vocabulary: int) -> torch.Tensor:
     """A bitmask (int32 words, token i at bit i % 32 of word i // 32) as one bool per token; tokens past the mask's
-    end (padding rows of the embedding) are not allowed. llguidance's own helper for this is a torch.compile kernel,
-    which needs a C++ compiler at run time and seconds of warm-up, so the bits are unpacked here instead."""
-    bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little")[:vocabulary]
+    end (padding rows of the embedding) are not allowed. llguidance's torch helpers apply the mask with a
+    torch.compile kernel (a C++ compiler at run time, seconds of warm-up) and importing them imports torch's compiler
+    (~1 s of every start-up), so the mask is filled by its numpy helpers and unpacked here."""
+    bits = np.unpackbits(mask.view(np.uint8), bitorder="little")[:vocabulary]
     allowed = torch.zeros(vocabulary, dtype=torch.bool)
     allowed[: bits.size] = torch.from_numpy(bits.astype(np.bool_))
     return allowed
