@@ -131,3 +131,33 @@ def test_a_row_decodes_bit_for_bit_alone_and_in_a_padded_batch(llama: PreTrained
         assert len(alone) == len(batched[row])
         for step, (by_itself, in_batch) in enumerate(zip(alone, batched[row], strict=True)):
             assert torch.equal(by_itself, in_batch), f"row {row} differs at step {step}"
+
+
+def decode_together(decoder: LlamaDecoder, rows: list[list[int]], steps: int) -> list[torch.Tensor]:
+    """Prefill same-length prompts in one pass (no padding), then `steps` greedy decode steps; each step's logits."""
+    batch = batching.RunningBatch(max_rows=len(rows))
+    cache, logits = decoder.prefill(rows)
+    mask = torch.ones(len(rows), len(rows[0]), dtype=torch.long)
+    positions = torch.full((len(rows), 1), len(rows[0]))
+    batch.add(batching.Prefilled(cache, mask, positions), logits.argmax(-1, keepdim=True))
+    seen = []
+    for _ in range(steps):
+        logits = batch.step(decoder)
+        seen.append(logits.clone())
+        batch.next_tokens = logits.argmax(-1, keepdim=True)
+    return seen
+
+
+def assert_rows_decode_as_alone(decoder: LlamaDecoder, prompts: list[list[int]], steps: int = 6) -> None:
+    together = decode_together(decoder, prompts, steps)
+    for row, prompt in enumerate(prompts):
+        alone = decode_together(decoder, [prompt], steps)
+        for step in range(steps):
+            assert torch.equal(alone[step][0], together[step][row]), f"row {row} differs at step {step}"
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="int8 layers need fbgemm (an x86 CPU with AVX2)")
+def test_rows_of_one_length_decode_bit_for_bit_as_they_do_alone(llama: PreTrainedModel) -> None:
+    """The unpadded path (every row the same length, one prefill) keeps each row's numbers its own as well."""
+    decoder = LlamaDecoder(llama, lambda weight, bias, name: Int8Linear(weight, bias, None))
+    assert_rows_decode_as_alone(decoder, [[5, 6, 7, 8], [30, 31, 32, 33], [12, 13, 14, 15]])
