@@ -43,6 +43,7 @@ from inference.errors import (
     QueueFullError,
     RequestTimeoutError,
 )
+from inference.fast_llama import LlamaDecoder
 from inference.grammar import GrammarTokenizer
 from inference.loader import LoadedModel, load_model
 from inference.memory import release_free_heap_pages, return_freed_memory_promptly
@@ -252,6 +253,7 @@ class Engine(EngineClient):
             parameters=loaded.parameters,
             dtype=str(loaded.dtype).removeprefix("torch."),
             weights=WeightsInfo.model_validate(dataclasses.asdict(loaded.weights)),
+            forward="lean" if isinstance(loaded.decoder, LlamaDecoder) else "transformers",
             device=str(loaded.device),
             context_length=self.context_length,
             has_chat_template=formatter.has_chat_template,

@@ -52,6 +52,9 @@ class ModelInfo(BaseModel):
     parameters: int
     dtype: str
     weights: WeightsInfo
+    forward: Literal["lean", "transformers"] = Field(
+        description="`lean`: this app's own forward pass for Llama models (LEAN_FORWARD); else transformers'."
+    )
     device: str
     context_length: int
     has_chat_template: bool

@@ -885,3 +885,16 @@ def test_admission_caps_prompt_tokens_per_prefill_but_always_takes_one(
     settings = make_settings(tiny_gpt2_dir, max_batch_size=8, max_batch_tokens=100_000, max_prefill_tokens=30)
     assert admission_count([queued(10, 5)] * 5, [], settings) == 3
     assert admission_count([queued(40, 5)] * 3, [], settings) == 1  # over the cap alone, yet it must run some time
+
+
+def test_lean_forward_false_serves_transformers_forward_and_says_so(
+    tiny_llama_dir: Path, make_engine: EngineFactory
+) -> None:
+    lean = make_engine(tiny_llama_dir)
+    plain = make_engine(tiny_llama_dir, lean_forward=False)
+    assert (lean.info().forward, plain.info().forward) == ("lean", "transformers")
+    texts = [
+        run(engine.generate(engine.prepare_completion("The quick brown fox"), greedy(engine, 8))).text
+        for engine in (lean, plain)
+    ]
+    assert texts[0] == texts[1]
