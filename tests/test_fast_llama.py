@@ -136,10 +136,8 @@ def test_a_row_decodes_bit_for_bit_alone_and_in_a_padded_batch(llama: PreTrained
 def decode_together(decoder: LlamaDecoder, rows: list[list[int]], steps: int) -> list[torch.Tensor]:
     """Prefill same-length prompts in one pass (no padding), then `steps` greedy decode steps; each step's logits."""
     batch = batching.RunningBatch(max_rows=len(rows))
-    cache, logits = decoder.prefill(rows)
-    mask = torch.ones(len(rows), len(rows[0]), dtype=torch.long)
-    positions = torch.full((len(rows), 1), len(rows[0]))
-    batch.add(batching.Prefilled(cache, mask, positions), logits.argmax(-1, keepdim=True))
+    prefilled, logits = batching.prefill(decoder, rows)
+    batch.add(prefilled, logits.argmax(-1, keepdim=True))
     seen = []
     for _ in range(steps):
         logits = batch.step(decoder)
