@@ -127,14 +127,15 @@ class DecoderLayer(nn.Module):
         self,
         hidden: torch.Tensor,
         rotary: torch.Tensor,
-        row_starts: list[int],
+        runs: list[tuple[int, int, int]],
         key_buffer: torch.Tensor,
         value_buffer: torch.Tensor,
         start: int,
         end: int,
     ) -> torch.Tensor:
         """One decode step for rows [rows, hidden]: writes cache column `end` and attends over `start..end`;
-        `row_starts` holds each row's left padding in those columns (empty when no row has any)."""
+        `runs` holds (first row, end row, left padding) for each run of consecutive rows of one length (empty when
+        no row is padded)."""
         rows = hidden.shape[0]
         # 1. project; rotate queries and keys together with each row's rotation matrix
         qkv = self.qkv(rms_norm(hidden, self.attention_norm, self.eps))
@@ -146,17 +147,17 @@ class DecoderLayer(nn.Module):
         values = value_buffer[:rows, :, start : end + 1]
         # 3. attention: each key/value head serves `groups` query heads, no copies of keys
         query = qk[:, : self.heads].view(rows, self.kv_heads, self.groups, self.head_dim)
-        if len(row_starts) == 0:
+        if len(runs) == 0:
             attended = torch.matmul(torch.matmul(query, keys.transpose(2, 3)).softmax(-1), values)
         else:
-            # rows of different lengths attend one at a time over their own keys only: a sum over a padded key
-            # length differs in its last bits from the same sum alone, which formats that round activations to
-            # fewer bits (int4, int8) can turn into another token
+            # rows of different lengths attend over their own keys only, a run of rows of one length at a time (as
+            # an unpadded batch does): a sum over a padded key length differs in its last bits from the same sum
+            # alone, which formats that round activations to fewer bits (int4, int8) can turn into another token
             parts: list[torch.Tensor] = []
-            for row in range(rows):
-                own_keys = keys[row : row + 1, :, row_starts[row] :]
-                scores = torch.matmul(query[row : row + 1], own_keys.transpose(2, 3))
-                parts.append(torch.matmul(scores.softmax(-1), values[row : row + 1, :, row_starts[row] :]))
+            for first, stop, own_start in runs:
+                own_keys = keys[first:stop, :, own_start:]
+                scores = torch.matmul(query[first:stop], own_keys.transpose(2, 3))
+                parts.append(torch.matmul(scores.softmax(-1), values[first:stop, :, own_start:]))
             attended = torch.cat(parts)
         hidden = hidden + self.out(attended.view(rows, -1))
         # 4. the feed-forward block
@@ -196,14 +197,18 @@ class DecodeStep(nn.Module):
         # 1. embeddings, and one rotation matrix per row shared by every layer
         hidden = self.embedding[tokens].float()
         rotary = torch.diag_embed(self.cos[positions]) + self.rotation * self.sin[positions].unsqueeze(1)
-        # 2. each row's left padding (none when no row has any)
-        row_starts: list[int] = []
+        # 2. runs of consecutive rows with the same left padding (none when no row has any)
+        runs: list[tuple[int, int, int]] = []
         if attention_mask is not None:
-            padded: list[int] = (attention_mask == 0).sum(-1).tolist()
-            row_starts = padded
+            padding: list[int] = (attention_mask == 0).sum(-1).tolist()
+            first = 0
+            for row in range(1, len(padding) + 1):
+                if row == len(padding) or padding[row] != padding[first]:
+                    runs.append((first, row, padding[first]))
+                    first = row
         # 3. the layers, each writing its column of the cache
         for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, rotary, row_starts, key_buffers[index], value_buffers[index], start, end)
+            hidden = layer(hidden, rotary, runs, key_buffers[index], value_buffers[index], start, end)
         # 4. logits for the next token
         logits: torch.Tensor = self.lm_head(rms_norm(hidden, self.final_norm, self.eps))
         return logits

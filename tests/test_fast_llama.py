@@ -159,3 +159,28 @@ def test_rows_of_one_length_decode_bit_for_bit_as_they_do_alone(llama: PreTraine
     """The unpadded path (every row the same length, one prefill) keeps each row's numbers its own as well."""
     decoder = LlamaDecoder(llama, lambda weight, bias, name: Int8Linear(weight, bias, None))
     assert_rows_decode_as_alone(decoder, [[5, 6, 7, 8], [30, 31, 32, 33], [12, 13, 14, 15]])
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="int8 layers need fbgemm (an x86 CPU with AVX2)")
+@pytest.mark.parametrize("compiled", [True, False], ids=["torchscript", "eager"])
+def test_runs_of_rows_of_one_length_in_a_padded_batch_decode_bit_for_bit_as_alone(
+    llama: PreTrainedModel, compiled: bool
+) -> None:
+    """A padded batch attends run by run, a run being consecutive rows of one length (they share their padding), as
+    an unpadded batch does: every row's logits are still its logits alone, whether its run has one row or more."""
+    decoder = LlamaDecoder(llama, lambda weight, bias, name: Int8Linear(weight, bias, None), compiled=compiled)
+    groups = [[[5, 6, 7], [8, 9, 10]], [[30, 31, 32, 33, 34, 35, 36]], [[12, 13, 14, 15, 16], [40, 41, 42, 43, 44]]]
+    batch = batching.RunningBatch(max_rows=5)
+    for group in groups:  # rows joining together in groups of one length: runs of 2, 1 and 2 rows
+        prefilled, logits = batching.prefill(decoder, group)
+        batch.add(prefilled, logits.argmax(-1, keepdim=True))
+    together = []
+    for _ in range(6):
+        logits = batch.step(decoder)
+        together.append(logits.clone())
+        batch.next_tokens = logits.argmax(-1, keepdim=True)
+    prompts = [prompt for group in groups for prompt in group]
+    for row, prompt in enumerate(prompts):
+        alone = decode_together(decoder, [prompt], steps=6)
+        for step in range(6):
+            assert torch.equal(alone[step][0], together[step][row]), f"row {row} differs at step {step}"
