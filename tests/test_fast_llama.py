@@ -135,9 +135,16 @@ def test_a_row_decodes_bit_for_bit_alone_and_in_a_padded_batch(llama: PreTrained
 
 def decode_together(decoder: LlamaDecoder, rows: list[list[int]], steps: int) -> list[torch.Tensor]:
     """Prefill same-length prompts in one pass (no padding), then `steps` greedy decode steps; each step's logits."""
-    batch = batching.RunningBatch(max_rows=len(rows))
-    prefilled, logits = batching.prefill(decoder, rows)
-    batch.add(prefilled, logits.argmax(-1, keepdim=True))
+    return decode_groups(decoder, [rows], steps)
+
+
+def decode_groups(decoder: LlamaDecoder, groups: list[list[list[int]]], steps: int) -> list[torch.Tensor]:
+    """Prefill each group of same-length prompts in one pass and let them join in turn (groups of different lengths
+    make a padded batch), then `steps` greedy decode steps; each step's logits, rows in the groups' order."""
+    batch = batching.RunningBatch(max_rows=sum(len(group) for group in groups))
+    for group in groups:
+        prefilled, logits = batching.prefill(decoder, group)
+        batch.add(prefilled, logits.argmax(-1, keepdim=True))
     seen = []
     for _ in range(steps):
         logits = batch.step(decoder)
@@ -169,16 +176,9 @@ def test_runs_of_rows_of_one_length_in_a_padded_batch_decode_bit_for_bit_as_alon
     """A padded batch attends run by run, a run being consecutive rows of one length (they share their padding), as
     an unpadded batch does: every row's logits are still its logits alone, whether its run has one row or more."""
     decoder = LlamaDecoder(llama, lambda weight, bias, name: Int8Linear(weight, bias, None), compiled=compiled)
+    # rows joining in groups of one length: runs of 2, 1 and 2 rows
     groups = [[[5, 6, 7], [8, 9, 10]], [[30, 31, 32, 33, 34, 35, 36]], [[12, 13, 14, 15, 16], [40, 41, 42, 43, 44]]]
-    batch = batching.RunningBatch(max_rows=5)
-    for group in groups:  # rows joining together in groups of one length: runs of 2, 1 and 2 rows
-        prefilled, logits = batching.prefill(decoder, group)
-        batch.add(prefilled, logits.argmax(-1, keepdim=True))
-    together = []
-    for _ in range(6):
-        logits = batch.step(decoder)
-        together.append(logits.clone())
-        batch.next_tokens = logits.argmax(-1, keepdim=True)
+    together = decode_groups(decoder, groups, steps=6)
     prompts = [prompt for group in groups for prompt in group]
     for row, prompt in enumerate(prompts):
         alone = decode_together(decoder, [prompt], steps=6)
