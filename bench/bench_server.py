@@ -144,7 +144,8 @@ def free_port() -> int:
 class Server:
     """`python app.py` in a subprocess with the given settings; samples its resident memory while running."""
 
-    def __init__(self, name: str, env: dict[str, str]) -> None:
+    def __init__(self, name: str, env: dict[str, str], root: Path = ROOT) -> None:
+        """`root`: the checkout whose app.py runs (bench_revisions.py starts an older one beside this one)."""
         self.name = name
         self.port = free_port()
         environment = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(self.port)}
@@ -153,7 +154,7 @@ class Server:
             {"LOG_LEVEL": "WARNING", "GRADIO_ANALYTICS_ENABLED": "False", "REQUEST_TIMEOUT_S": "1800", **env}
         )
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py")], env=environment, cwd=ROOT, stdout=subprocess.DEVNULL
+            [sys.executable, str(root / "app.py")], env=environment, cwd=root, stdout=subprocess.DEVNULL
         )
         self.url = f"http://127.0.0.1:{self.port}"
         self.peak_rss_mb = 0.0
