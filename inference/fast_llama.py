@@ -202,10 +202,11 @@ class DecodeStep(nn.Module):
         if attention_mask is not None:
             padding: list[int] = (attention_mask == 0).sum(-1).tolist()
             first = 0
-            for row in range(1, len(padding) + 1):
-                if row == len(padding) or padding[row] != padding[first]:
+            for row in range(1, len(padding)):
+                if padding[row] != padding[first]:
                     runs.append((first, row, padding[first]))
                     first = row
+            runs.append((first, len(padding), padding[first]))
         # 3. the layers, each writing its column of the cache
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, rotary, runs, key_buffers[index], value_buffers[index], start, end)
