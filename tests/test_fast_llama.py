@@ -154,8 +154,13 @@ def decode_groups(decoder: LlamaDecoder, groups: list[list[list[int]]], steps: i
 
 
 def assert_rows_decode_as_alone(decoder: LlamaDecoder, prompts: list[list[int]], steps: int = 6) -> None:
-    together = decode_together(decoder, prompts, steps)
-    for row, prompt in enumerate(prompts):
+    assert_groups_decode_as_alone(decoder, [prompts], steps)
+
+
+def assert_groups_decode_as_alone(decoder: LlamaDecoder, groups: list[list[list[int]]], steps: int = 6) -> None:
+    """Every row of `decode_groups` has, at every step, the logits its prompt has decoded alone, bit for bit."""
+    together = decode_groups(decoder, groups, steps)
+    for row, prompt in enumerate(prompt for group in groups for prompt in group):
         alone = decode_together(decoder, [prompt], steps)
         for step in range(steps):
             assert torch.equal(alone[step][0], together[step][row]), f"row {row} differs at step {step}"
@@ -178,9 +183,4 @@ def test_runs_of_rows_of_one_length_in_a_padded_batch_decode_bit_for_bit_as_alon
     decoder = LlamaDecoder(llama, lambda weight, bias, name: Int8Linear(weight, bias, None), compiled=compiled)
     # rows joining in groups of one length: runs of 2, 1 and 2 rows
     groups = [[[5, 6, 7], [8, 9, 10]], [[30, 31, 32, 33, 34, 35, 36]], [[12, 13, 14, 15, 16], [40, 41, 42, 43, 44]]]
-    together = decode_groups(decoder, groups, steps=6)
-    prompts = [prompt for group in groups for prompt in group]
-    for row, prompt in enumerate(prompts):
-        alone = decode_together(decoder, [prompt], steps=6)
-        for step in range(6):
-            assert torch.equal(alone[step][0], together[step][row]), f"row {row} differs at step {step}"
+    assert_groups_decode_as_alone(decoder, groups)
