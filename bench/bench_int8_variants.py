@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from bench.report import replace_section  # noqa: E402
 from inference import fast_llama  # noqa: E402
 from inference.decoders import TransformersDecoder, _Measurements  # noqa: E402
-from inference.quantization import SMOOTHING_ALPHA, compare  # noqa: E402
+from inference.quantization import compare, smoothing_scales  # noqa: E402
 
 Rounding = Callable[[torch.Tensor], torch.Tensor]
 GROUP = 32
@@ -97,9 +97,7 @@ def main() -> int:
             weight = weight.detach().float()
             if name == "lm_head":
                 return fast_llama.FloatLinear(weight, bias)
-            activation_range = absmax[name].clamp_min(1e-5).pow(SMOOTHING_ALPHA)
-            smoothing = activation_range / weight.abs().amax(0).clamp_min(1e-5).pow(1 - SMOOTHING_ALPHA)
-            return RoundedLinear(weight, smoothing, weights, inputs)
+            return RoundedLinear(weight, smoothing_scales(weight, absmax[name]), weights, inputs)
 
         return make
 

@@ -66,6 +66,13 @@ def _pack_int8(weight: torch.Tensor) -> tuple[torch.ScriptObject, torch.Tensor]:
         return torch.ops.quantized.linear_prepack(quantized, None), scales
 
 
+def smoothing_scales(weight: torch.Tensor, input_absmax: torch.Tensor) -> torch.Tensor:
+    """SmoothQuant's per-input-channel s: the activations are divided by it and the weights [out, in] multiplied,
+    moving the activations' outliers into the weights by SMOOTHING_ALPHA."""
+    activation_range = input_absmax.float().clamp_min(1e-5).pow(SMOOTHING_ALPHA)
+    return activation_range / weight.abs().amax(dim=0).clamp_min(1e-5).pow(1 - SMOOTHING_ALPHA)
+
+
 class Int8Linear(nn.Module):
     """`y = x W^T + b` with int8 weights and per-row int8 activations (fbgemm)."""
 
@@ -73,11 +80,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         weight = weight.detach().float()
-        smoothing = torch.ones(self.in_features)
-        if input_absmax is not None:
-            # SmoothQuant: divide the activations by s per input channel and multiply the weights by it
-            activation_range = input_absmax.float().clamp_min(1e-5).pow(SMOOTHING_ALPHA)
-            smoothing = activation_range / weight.abs().amax(dim=0).clamp_min(1e-5).pow(1 - SMOOTHING_ALPHA)
+        smoothing = torch.ones(self.in_features) if input_absmax is None else smoothing_scales(weight, input_absmax)
         self.packed, _ = _pack_int8(weight * smoothing)
         self.inverse_smoothing: torch.Tensor = 1 / smoothing
         self.bias: torch.Tensor | None = None if bias is None else bias.detach().float().clone()
