@@ -32,7 +32,6 @@ from bench.machine import cap_kernels_at_avx2, cpu_description  # noqa: E402
 from bench.report import replace_section  # noqa: E402
 
 LANES = 16  # outputs per tile in the kernel
-GROUP = 32  # inputs per 4-bit group
 ROWS = (1, 2, 4, 16)
 
 
@@ -56,12 +55,12 @@ def pack(weight: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.
     [tiles, groups, 16, 16], scales and low ends [tiles, groups, 16]; and the float weights those stand for."""
     import torch  # imported late: --avx2 must cap the kernels before torch loads
 
+    from inference.quantization import int4_groups
+
     out_features, in_features = weight.shape
-    groups = weight.float().reshape(out_features, in_features // GROUP, GROUP)
-    low = groups.amin(-1)
-    scale = ((groups.amax(-1) - low) / 15).clamp_min(1e-30)
-    levels = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
-    dequantized = (levels.float() * scale[..., None] + low[..., None]).reshape(out_features, in_features)
+    levels, scale, low = int4_groups(weight)  # the server's int4 recovers the groups the same way
+    dequantized = (levels.float() * scale + low).reshape(out_features, in_features)
+    levels, scale, low = levels.to(torch.uint8), scale[..., 0], low[..., 0]
     # byte j of a group holds input j in its low nibble and input j + 16 in its high one
     nibbles = levels[..., :16] | (levels[..., 16:] << 4)  # [out, groups, 16]
     tiles = out_features // LANES

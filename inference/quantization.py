@@ -115,6 +115,15 @@ class Float16Linear(nn.Module):
         return y.reshape(list(x.shape[:-1]) + [self.out_features])  # noqa: RUF005 (TorchScript: no star in calls)
 
 
+def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weights [out, in] in groups of INT4_GROUP inputs, each spanning 16 levels from its low end (GGUF's Q4_1):
+    the levels [out, groups, INT4_GROUP] (int32, 0..15), and each group's scale and low end [out, groups, 1]."""
+    groups = weight.detach().float().reshape(weight.shape[0], -1, INT4_GROUP)
+    low = groups.amin(dim=-1, keepdim=True)
+    scale = ((groups.amax(dim=-1, keepdim=True) - low) / 15).clamp_min(TINY)
+    return ((groups - low) / scale).round().clamp(0, 15).to(torch.int32), scale, low
+
+
 class Int4Linear(nn.Module):
     """`y = x W^T + b` with 4-bit weights in groups of 32 inputs, each group with its own scale and offset, and
     bfloat16 activations (torch's `_weight_int4pack_mm_for_cpu`, whose bfloat16 path is the fast one), out in float32.
@@ -126,10 +135,7 @@ class Int4Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        groups = weight.detach().float().reshape(self.out_features, -1, INT4_GROUP)
-        low = groups.amin(dim=-1, keepdim=True)
-        scale = ((groups.amax(dim=-1, keepdim=True) - low) / 15).clamp_min(TINY)
-        levels = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32)
+        levels, scale, low = int4_groups(weight)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.reshape(weight.shape), 1)
         # the kernel computes (level - 8) * scale + zero, so zero is the group's low end moved up by 8 levels
         scales_and_zeros = torch.cat([scale, low + 8 * scale], dim=-1)  # [out, groups, 2]
