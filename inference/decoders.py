@@ -25,7 +25,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from inference import fast_llama
+from inference import fast_llama, int4_kernel
 from inference.client import TokenLogprob
 from inference.errors import ModelNotFoundError
 from inference.kv_cache import SlotCache
@@ -47,7 +47,7 @@ WeightFormat = Literal["none", "float16", "int8", "int4"]
 # Tokens of the built-in texts used at most (calibration and the quality check each take one forward pass).
 CHECK_TOKENS = 512
 # Bump when the quality check or how a format is built changes, so verdicts cached by an older version are redone.
-CHECK_VERSION = "1"
+CHECK_VERSION = "2"
 
 
 class Decoder(Protocol):
@@ -178,15 +178,32 @@ def _swap_linears(model: nn.Module, make: fast_llama.LinearFactory) -> Callable[
     return restore
 
 
+def int4_kernel_in_use() -> str:
+    """Which kernel multiplies int4 weights here, for /model-info and the log."""
+    why_not = int4_kernel.load()
+    if why_not is None:
+        return "our AVX2 kernel, 16-bit activations"
+    return f"torch's kernel, bfloat16 activations (ours is not used: {why_not})"
+
+
+def _verdict_key(fmt: WeightFormat) -> str:
+    """The two int4 kernels round activations differently, so each has its own verdict."""
+    return f"{fmt} (torch's kernel)" if fmt == "int4" and int4_kernel.load() is not None else fmt
+
+
 def _candidates(setting: str, device: torch.device, dtype: torch.dtype) -> list[WeightFormat]:
     """The formats to try, best first; an explicit one that can't run here is a configuration error."""
     usable = device.type == "cpu" and dtype == torch.float32 and fbgemm_available()
     if setting == "auto":
-        # int4 is left to an explicit setting: fastest for one client, but slower than float16 from ~12 rows up,
-        # prefills included (docs/benchmarks.md)
-        return ["int8", "float16", "none"] if usable else ["none"]
-    if setting == "int4" and not int4_available():
-        raise ModelNotFoundError(f"QUANTIZATION=int4 needs torch 2.5 or later (this is {torch.__version__}).")
+        # smallest first; int4 only on our own kernel, which is faster than float16 at every batch size measured
+        # (torch's is slower from ~12 rows up, prefills included: docs/benchmarks.md)
+        smallest: list[WeightFormat] = ["int4"] if int4_kernel.load() is None else []
+        return [*smallest, "int8", "float16", "none"] if usable else ["none"]
+    if setting == "int4" and int4_kernel.load() is not None and not int4_available():
+        raise ModelNotFoundError(
+            f"QUANTIZATION=int4 needs our int4 kernel, but {int4_kernel.load()}, or torch's, which needs torch 2.5 "
+            f"or later (this is {torch.__version__})."
+        )
     if setting != "none" and not usable:
         raise ModelNotFoundError(
             f"QUANTIZATION={setting} needs float32 weights on an x86 CPU with fbgemm (AVX2); this server has "
@@ -217,7 +234,7 @@ class CheckCache:
     def _path(self, suffix: str) -> Path:
         return self.folder / f"{self.key}{suffix}"
 
-    def record(self, fmt: WeightFormat, quality: QualityCheck) -> None:
+    def record(self, fmt: str, quality: QualityCheck) -> None:
         self.verdicts[fmt] = quality
         data = json.dumps({"verdicts": {k: asdict(v) for k, v in self.verdicts.items()}}).encode()
         self._write(".json", lambda path: path.write_bytes(data), "the quality check")
@@ -315,7 +332,7 @@ def build_decoder(
             return float32_decoder(), WeightChoice(
                 "none", "auto: no smaller format passed the quality check", seconds=time.perf_counter() - started
             )
-        known = cache.verdicts.get(fmt) if cache is not None else None
+        known = cache.verdicts.get(_verdict_key(fmt)) if cache is not None else None
         if setting == "auto" and known is not None and not known.passes:
             logger.info("%s weights failed the quality check at an earlier start (%s): skipping them", fmt, known)
             continue
@@ -334,9 +351,11 @@ def build_decoder(
             decoder = plain
         quality = known or compare(measured.reference, decoder.logits(measured.check_ids), measured.check_ids)
         if cache is not None and known is None:
-            cache.record(fmt, quality)
+            cache.record(_verdict_key(fmt), quality)
         if setting != "auto" or quality.passes:
             reason = "auto: the smallest format that passed" if setting == "auto" else f"QUANTIZATION={fmt}"
+            if fmt == "int4":
+                reason += f"; {int4_kernel_in_use()}"
             if known is not None:
                 reason += " (quality as measured at an earlier start)"
             return decoder, WeightChoice(fmt, reason, quality, time.perf_counter() - started)

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from inference import decoders, fast_llama
+from inference import decoders, fast_llama, int4_kernel
 from inference.quantization import (
     INT4_GROUP,
     Float16Linear,
+    Int4Int16Linear,
     Int4Linear,
     Int8Linear,
     QualityCheck,
@@ -21,6 +22,7 @@ from inference.quantization import (
     fbgemm_available,
     input_absmax,
     int4_available,
+    int4_groups,
     make_linear,
     perplexity,
 )
@@ -95,8 +97,9 @@ def q4_1_weight(out_features: int = 96, in_features: int = 64) -> torch.Tensor:
     groups = in_features // INT4_GROUP
     levels = torch.randint(0, 16, (out_features, groups, INT4_GROUP)).float()
     levels[..., 0], levels[..., 1] = 0, 15
-    scale = torch.rand(out_features, groups, 1) * 0.01 + 0.001
-    low = -torch.rand(out_features, groups, 1) * 0.1
+    # GGUF stores each group's scale and low end in float16
+    scale = (torch.rand(out_features, groups, 1) * 0.01 + 0.001).half().float()
+    low = (-torch.rand(out_features, groups, 1) * 0.1).half().float()
     return (levels * scale + low).reshape(out_features, in_features)
 
 
@@ -131,11 +134,102 @@ def test_int4_adds_the_bias_and_keeps_leading_dimensions(rows: torch.Tensor) -> 
     assert Int4Linear(weight, None)(torch.randn(2, 3, 64)).shape == (2, 3, 96)
 
 
+def test_our_int4_kernel_builds_and_loads_here() -> None:
+    """CI's machine has g++ and an AVX2 CPU, so the int4 kernel must build there (a failed build falls back to torch's
+    kernel, which would hide a broken kernel source behind a slower server)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the kernel needs AVX2")
+    assert int4_kernel.load() is None
+
+
+@pytest.fixture
+def own_int4() -> None:
+    if int4_kernel.load() is not None:
+        pytest.skip(f"our int4 kernel is unavailable: {int4_kernel.load()}")  # test_our_int4_kernel_builds... fails
+
+
+def test_our_int4_kernel_multiplies_16_bit_rows_by_the_q4_1_weights_exactly(own_int4: None) -> None:
+    """Against the same arithmetic in float64: rows rounded to 16 bits with one scale each, times the weights from
+    their levels and float16 scales and low ends (GGUF keeps them in float16)."""
+    torch.manual_seed(3)
+    for out_features, in_features in [(96, 64), (40, 64), (960, 576), (576, 1536)]:
+        weight = q4_1_weight(out_features, in_features)
+        rows = torch.randn(5, in_features) * torch.logspace(-2, 2, in_features)  # outliers, as activations have
+        scale = rows.abs().amax(dim=1, keepdim=True) / 32767
+        rounded = (rows / scale).round() * scale
+        levels, group_scale, low = int4_groups(weight)
+        stored = (levels * group_scale.half().double() + low.half().double()).reshape(weight.shape)
+        expected = rounded.double() @ stored.T
+        actual = Int4Int16Linear(weight)(rows).double()
+        assert float((actual - expected).abs().max() / expected.abs().max()) < 2e-5  # float32 sums of the groups
+
+
+def test_our_int4_kernel_keeps_the_likeliest_token_where_bfloat16_activations_may_not(own_int4: None) -> None:
+    """Rows rounded to 16 bits stay within 1e-4 of float32's result; torch's kernel rounds rows to bfloat16."""
+    torch.manual_seed(4)
+    weight, rows = q4_1_weight(576, 576), torch.randn(8, 576)
+    exact = rows.double() @ weight.double().T
+    ours = relative_error(Int4Int16Linear(weight)(rows).double(), exact)
+    assert ours < 1e-4
+    if int4_available():
+        assert ours < relative_error(Int4Linear(weight, None)(rows).double(), exact) / 10
+
+
+def test_our_int4_kernel_gives_a_row_the_same_bits_alone_and_in_any_batch(own_int4: None) -> None:
+    """Rows are blocked in pairs and outputs in tiles of 32 split across threads: no row's numbers may change."""
+    torch.manual_seed(5)
+    layer = Int4Int16Linear(q4_1_weight(3072, 576))
+    rows = torch.randn(17, 576)
+    alone = torch.cat([layer(rows[i : i + 1]) for i in range(len(rows))])
+    for size in (2, 3, 16, 17):
+        assert torch.equal(layer(rows[:size]), alone[:size])
+    assert torch.equal(layer(rows[5:12]), alone[5:12])
+
+
+def test_our_int4_kernel_runs_as_torchscript_and_keeps_leading_dimensions(own_int4: None, rows: torch.Tensor) -> None:
+    layer = Int4Int16Linear(q4_1_weight())
+    assert torch.equal(torch.jit.script(layer)(rows), layer(rows))
+    assert layer(torch.randn(2, 3, 64)).shape == (2, 3, 96)
+    assert torch.equal(layer(torch.zeros(1, 64)), torch.zeros(1, 96))  # an all-zero row has no scale to divide by
+
+
 @needs_int4
-def test_int4_layers_of_a_shape_its_kernel_cannot_take_stay_float16() -> None:
-    assert isinstance(make_linear("int4", torch.randn(96, 64), None, None), Int4Linear)
-    assert isinstance(make_linear("int4", torch.randn(40, 64), None, None), Float16Linear)  # outputs not 16k
+def test_int4_layers_go_to_the_kernel_that_can_take_them(own_int4: None) -> None:
+    assert isinstance(make_linear("int4", torch.randn(96, 64), None, None), Int4Int16Linear)
+    assert isinstance(make_linear("int4", torch.randn(40, 64), None, None), Int4Int16Linear)  # outputs 8k
+    assert isinstance(make_linear("int4", torch.randn(96, 64), torch.randn(96), None), Int4Linear)  # a bias: torch's
+    assert isinstance(make_linear("int4", torch.randn(36, 64), None, None), Float16Linear)  # outputs not 8k
     assert isinstance(make_linear("int4", torch.randn(96, 48), None, None), Float16Linear)  # inputs not 32k
+
+
+@needs_int4
+def test_without_our_kernel_int4_runs_on_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No compiler (or a failed build): int4 still serves, on torch's kernel, and says so."""
+    monkeypatch.setattr(int4_kernel, "load", lambda: "its kernel could not be built here (no g++)")
+    assert isinstance(make_linear("int4", torch.randn(96, 64), None, None), Int4Linear)
+    assert "torch's kernel" in decoders.int4_kernel_in_use()
+    assert "no g++" in decoders.int4_kernel_in_use()
+
+
+def test_a_failed_build_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.utils.cpp_extension
+
+    def failing_build(**kwargs: object) -> None:
+        raise RuntimeError("Error building extension 'llm_serving_int4'\ng++: not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", failing_build)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    int4_kernel.load.cache_clear()
+    try:
+        assert int4_kernel.load() == "its kernel could not be built here (Error building extension 'llm_serving_int4')"
+    finally:
+        int4_kernel.load.cache_clear()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    int4_kernel.load.cache_clear()
+    try:
+        assert int4_kernel.load() == "this CPU has no AVX2 (torch reports DEFAULT)"
+    finally:
+        int4_kernel.load.cache_clear()
 
 
 @needs_int4
