@@ -25,18 +25,20 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from inference import fast_llama, int4_kernel
+from inference import fast_llama, integer_kernels
 from inference.client import TokenLogprob
 from inference.errors import ModelNotFoundError
 from inference.kv_cache import SlotCache
 from inference.prefix_cache import CachedPrefix, prefill_start
 from inference.quantization import (
+    Q8Linear,
     QualityCheck,
     QuantizedFormat,
     compare,
     fbgemm_available,
     input_absmax,
     int4_available,
+    kernel_fits,
     make_linear,
 )
 from inference.scoring import prompt_token_logprobs
@@ -47,7 +49,7 @@ WeightFormat = Literal["none", "float16", "int8", "int4"]
 # Tokens of the built-in texts used at most (calibration and the quality check each take one forward pass).
 CHECK_TOKENS = 512
 # Bump when the quality check or how a format is built changes, so verdicts cached by an older version are redone.
-CHECK_VERSION = "2"
+CHECK_VERSION = "3"
 
 
 class Decoder(Protocol):
@@ -155,10 +157,14 @@ def _weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
 
 def _factory(fmt: QuantizedFormat, absmax: dict[str, torch.Tensor]) -> fast_llama.LinearFactory:
     def make(weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> nn.Module:
-        # the LM head is the layer most sensitive to int8 (its error lands straight on the logits), and the bundled
-        # SmolLM2's is 8-bit (Q8_0), which int4 would coarsen: float16 there
-        kind: QuantizedFormat = "float16" if name == "lm_head" else fmt
-        return make_linear(kind, weight, bias, absmax.get(name))
+        if name != "lm_head":
+            return make_linear(fmt, weight, bias, absmax.get(name))
+        # the LM head is the layer most sensitive to rounding (its error lands straight on the logits), and the
+        # bundled SmolLM2's is 8-bit (Q8_0), which int4 would coarsen: with int4 it stays in 8-bit groups on our
+        # kernel (exact for SmolLM2), else float16
+        if fmt == "int4" and integer_kernels.load() is None and kernel_fits(weight, bias):
+            return Q8Linear(weight)
+        return make_linear("float16", weight, bias, None)
 
     return make
 
@@ -180,15 +186,15 @@ def _swap_linears(model: nn.Module, make: fast_llama.LinearFactory) -> Callable[
 
 def int4_kernel_in_use() -> str:
     """Which kernel multiplies int4 weights here, for /model-info and the log."""
-    why_not = int4_kernel.load()
+    why_not = integer_kernels.load()
     if why_not is None:
-        return "our AVX2 kernel, 16-bit activations"
+        return "our AVX2 kernel, 16-bit activations; the LM head in 8-bit groups (Q8_0)"
     return f"torch's kernel, bfloat16 activations (ours is not used: {why_not})"
 
 
 def _verdict_key(fmt: WeightFormat) -> str:
     """The two int4 kernels round activations differently, so each has its own verdict."""
-    return f"{fmt} (torch's kernel)" if fmt == "int4" and int4_kernel.load() is not None else fmt
+    return f"{fmt} (torch's kernel)" if fmt == "int4" and integer_kernels.load() is not None else fmt
 
 
 def _candidates(setting: str, device: torch.device, dtype: torch.dtype) -> list[WeightFormat]:
@@ -197,11 +203,11 @@ def _candidates(setting: str, device: torch.device, dtype: torch.dtype) -> list[
     if setting == "auto":
         # smallest first; int4 only on our own kernel, which is faster than float16 at every batch size measured
         # (torch's is slower from ~12 rows up, prefills included: docs/benchmarks.md)
-        smallest: list[WeightFormat] = ["int4"] if int4_kernel.load() is None else []
+        smallest: list[WeightFormat] = ["int4"] if integer_kernels.load() is None else []
         return [*smallest, "int8", "float16", "none"] if usable else ["none"]
-    if setting == "int4" and int4_kernel.load() is not None and not int4_available():
+    if setting == "int4" and integer_kernels.load() is not None and not int4_available():
         raise ModelNotFoundError(
-            f"QUANTIZATION=int4 needs our int4 kernel, but {int4_kernel.load()}, or torch's, which needs torch 2.5 "
+            f"QUANTIZATION=int4 needs our int4 kernel, but {integer_kernels.load()}, or torch's, which needs torch 2.5 "
             f"or later (this is {torch.__version__})."
         )
     if setting != "none" and not usable:

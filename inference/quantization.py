@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from inference import int4_kernel
+from inference import integer_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ SMOOTHING_ALPHA = 0.5
 TINY = 1e-30
 # int4 weights come in groups of this many inputs, each with its own scale and offset (GGUF's Q4_1 uses 32).
 INT4_GROUP = 32
-# Outputs per AVX2 register in our int4 kernel's layout.
-INT4_VECTOR = 8
+# Outputs per AVX2 register in our integer kernels' layout (kernels/integer_linear.cpp).
+KERNEL_VECTOR = 8
 
 
 def fbgemm_available() -> bool:
@@ -164,52 +164,82 @@ class Int4Linear(nn.Module):
         return y.reshape(list(x.shape[:-1]) + [self.out_features])  # noqa: RUF005 (TorchScript: no star in calls)
 
 
-def pack_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """kernels/int4_linear.cpp's layout of a weight [out, in] (out a multiple of 8, in of 32) in Q4_1 groups: levels
-    [out / 8, in / 4, 16] (uint8, two a byte: byte 2j + i of (vector v, inputs 4q..4q+3) holds output 8v + j's levels
-    for input 4q + i, low nibble, and 4q + 2 + i, high nibble), scales and low ends [out / 8, in / 32, 8] in float16
-    (as GGUF keeps them, so exact for the bundled model)."""
-    out_features, in_features = weight.shape
-    levels, scale, low = int4_groups(weight)
-    by_quad = levels.reshape(out_features // INT4_VECTOR, INT4_VECTOR, in_features // 4, 4)  # [v, j, q, i]
-    nibbles = by_quad[..., 0:2] | (by_quad[..., 2:4] << 4)
-    packed = nibbles.permute(0, 2, 1, 3).reshape(out_features // INT4_VECTOR, in_features // 4, 16)
-
-    def by_vector(values: torch.Tensor) -> torch.Tensor:  # [out, groups, 1] -> [out / 8, groups, 8]
-        vectors = values.reshape(out_features // INT4_VECTOR, INT4_VECTOR, -1).transpose(1, 2)
-        return vectors.to(torch.float16).contiguous()
-
-    return packed.to(torch.uint8).contiguous(), by_vector(scale), by_vector(low)
+def _by_vector(values: torch.Tensor) -> torch.Tensor:
+    """Per-group values [out, groups, 1] in the kernels' order [out / 8, groups, 8], in float16 (as GGUF keeps its
+    scales: exact for the bundled model)."""
+    vectors = values.reshape(values.shape[0] // KERNEL_VECTOR, KERNEL_VECTOR, -1).transpose(1, 2)
+    return vectors.to(torch.float16).contiguous()
 
 
-class Int4Int16Linear(nn.Module):
+def _steps(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Levels [out, in] split as the kernels read them, for each vector of 8 outputs v and 4 inputs q: the levels of
+    inputs 4q, 4q + 1 and of 4q + 2, 4q + 3, each [out / 8, in / 4, 16] with lane 2j + i for output 8v + j."""
+    out_features, in_features = levels.shape
+    by_step = levels.reshape(out_features // KERNEL_VECTOR, KERNEL_VECTOR, in_features // 4, 4)  # [v, j, q, i]
+    near = by_step[..., 0:2].permute(0, 2, 1, 3).reshape(out_features // KERNEL_VECTOR, in_features // 4, 16)
+    far = by_step[..., 2:4].permute(0, 2, 1, 3).reshape(out_features // KERNEL_VECTOR, in_features // 4, 16)
+    return near, far
+
+
+def kernel_fits(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Our kernels' shape rules: no bias, outputs a multiple of 8, inputs of the group size."""
+    return bias is None and weight.shape[0] % KERNEL_VECTOR == 0 and weight.shape[1] % INT4_GROUP == 0
+
+
+class Q4Linear(nn.Module):
     """`y = x W^T` with W in 4-bit Q4_1 groups and x rounded per row to 16 bits, multiplied in integers by our own
-    AVX2 kernel (kernels/int4_linear.cpp, built by int4_kernel.load). Rounding activations to 16 bits keeps the
-    model's answers where torch's kernel, which rounds them to bfloat16 (8 bits of precision), loses some; integer
-    sums make a row's numbers the same alone and in any batch, and reading half a byte a weight makes it faster than
-    fbgemm's float16 at every batch size measured (docs/benchmarks.md)."""
+    AVX2 kernel (kernels/integer_linear.cpp). Rounding activations to 16 bits keeps the model's answers where
+    torch's kernel, which rounds them to bfloat16 (8 significant bits), loses some; integer sums make a row's numbers
+    the same alone and in any batch; half a byte a weight makes it faster than fbgemm's float16 for a few rows and
+    as fast for many (docs/benchmarks.md)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed, self.scales, self.lows = pack_int4(weight.detach().float())
-
-    @staticmethod
-    def fits(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        """The kernel's shape rules: no bias, outputs a multiple of 8, inputs of the group size."""
-        return bias is None and weight.shape[0] % INT4_VECTOR == 0 and weight.shape[1] % INT4_GROUP == 0
+        levels, scale, low = int4_groups(weight)
+        near, far = _steps(levels.reshape(weight.shape))
+        # byte p holds lane p of both: the first operand in its low nibble, the second in its high one
+        self.packed = (near | (far << 4)).to(torch.uint8).contiguous()
+        self.scales, self.lows = _by_vector(scale), _by_vector(low)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        y: torch.Tensor = torch.ops.llm_serving.int4_linear(rows, self.packed, self.scales, self.lows)
+        y: torch.Tensor = torch.ops.llm_serving.q4_1_linear(rows, self.packed, self.scales, self.lows)
+        return y.reshape(list(x.shape[:-1]) + [self.out_features])  # noqa: RUF005 (TorchScript: no star in calls)
+
+
+def int8_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [out, in] in groups of INT4_GROUP inputs rounded to -127..127 times a scale each (GGUF's Q8_0, the
+    bundled SmolLM2's LM head): the levels [out, in] (int32) and each group's scale [out, groups, 1]."""
+    groups = weight.detach().float().reshape(weight.shape[0], -1, INT4_GROUP)
+    scale = (groups.abs().amax(dim=-1, keepdim=True) / 127).half().float().clamp_min(TINY)
+    return (groups / scale).round().clamp(-127, 127).to(torch.int32).reshape(weight.shape), scale
+
+
+class Q8Linear(nn.Module):
+    """`y = x W^T` with W in 8-bit Q8_0 groups and x rounded per row to 16 bits, on our AVX2 kernel: for the LM
+    head, which the bundled SmolLM2 ships in Q8_0 (so exact for it) and which int4 would coarsen. Half float16's
+    bytes; a row's numbers the same alone and in any batch."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        levels, scale = int8_groups(weight)
+        near, far = _steps(levels)
+        self.packed = torch.cat([near, far], dim=-1).to(torch.int8).view(torch.uint8).contiguous()
+        self.scales = _by_vector(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        y: torch.Tensor = torch.ops.llm_serving.q8_0_linear(rows, self.packed, self.scales)
         return y.reshape(list(x.shape[:-1]) + [self.out_features])  # noqa: RUF005 (TorchScript: no star in calls)
 
 
 def make_linear(
     fmt: QuantizedFormat, weight: torch.Tensor, bias: torch.Tensor | None, input_absmax: torch.Tensor | None
 ) -> nn.Module:
-    if fmt == "int4" and int4_kernel.load() is None and Int4Int16Linear.fits(weight, bias):
-        return Int4Int16Linear(weight)
+    if fmt == "int4" and integer_kernels.load() is None and kernel_fits(weight, bias):
+        return Q4Linear(weight)
     if fmt == "int4" and Int4Linear.fits(weight):
         return Int4Linear(weight, bias)
     if fmt == "int8":

@@ -10,19 +10,21 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from inference import decoders, fast_llama, int4_kernel
+from inference import decoders, fast_llama, integer_kernels
 from inference.quantization import (
     INT4_GROUP,
     Float16Linear,
-    Int4Int16Linear,
     Int4Linear,
     Int8Linear,
+    Q4Linear,
+    Q8Linear,
     QualityCheck,
     compare,
     fbgemm_available,
     input_absmax,
     int4_available,
     int4_groups,
+    int8_groups,
     make_linear,
     perplexity,
 )
@@ -134,21 +136,22 @@ def test_int4_adds_the_bias_and_keeps_leading_dimensions(rows: torch.Tensor) -> 
     assert Int4Linear(weight, None)(torch.randn(2, 3, 64)).shape == (2, 3, 96)
 
 
-def test_our_int4_kernel_builds_and_loads_here() -> None:
+def test_our_integer_kernels_build_and_load_here() -> None:
     """CI's machine has g++ and an AVX2 CPU, so the int4 kernel must build there (a failed build falls back to torch's
     kernel, which would hide a broken kernel source behind a slower server)."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("the kernel needs AVX2")
-    assert int4_kernel.load() is None
+    assert integer_kernels.load() is None
 
 
 @pytest.fixture
-def own_int4() -> None:
-    if int4_kernel.load() is not None:
-        pytest.skip(f"our int4 kernel is unavailable: {int4_kernel.load()}")  # test_our_int4_kernel_builds... fails
+def own_kernels() -> None:
+    if integer_kernels.load() is not None:
+        # skipped only where test_our_integer_kernels_build_and_load_here fails or is skipped for want of AVX2
+        pytest.skip(f"our integer kernels are unavailable: {integer_kernels.load()}")
 
 
-def test_our_int4_kernel_multiplies_16_bit_rows_by_the_q4_1_weights_exactly(own_int4: None) -> None:
+def test_our_q4_1_kernel_multiplies_16_bit_rows_by_the_weights_exactly(own_kernels: None) -> None:
     """Against the same arithmetic in float64: rows rounded to 16 bits with one scale each, times the weights from
     their levels and float16 scales and low ends (GGUF keeps them in float16)."""
     torch.manual_seed(3)
@@ -160,25 +163,25 @@ def test_our_int4_kernel_multiplies_16_bit_rows_by_the_q4_1_weights_exactly(own_
         levels, group_scale, low = int4_groups(weight)
         stored = (levels * group_scale.half().double() + low.half().double()).reshape(weight.shape)
         expected = rounded.double() @ stored.T
-        actual = Int4Int16Linear(weight)(rows).double()
+        actual = Q4Linear(weight)(rows).double()
         assert float((actual - expected).abs().max() / expected.abs().max()) < 2e-5  # float32 sums of the groups
 
 
-def test_our_int4_kernel_keeps_the_likeliest_token_where_bfloat16_activations_may_not(own_int4: None) -> None:
+def test_our_q4_1_kernel_keeps_the_likeliest_token_where_bfloat16_activations_may_not(own_kernels: None) -> None:
     """Rows rounded to 16 bits stay within 1e-4 of float32's result; torch's kernel rounds rows to bfloat16."""
     torch.manual_seed(4)
     weight, rows = q4_1_weight(576, 576), torch.randn(8, 576)
     exact = rows.double() @ weight.double().T
-    ours = relative_error(Int4Int16Linear(weight)(rows).double(), exact)
+    ours = relative_error(Q4Linear(weight)(rows).double(), exact)
     assert ours < 1e-4
     if int4_available():
         assert ours < relative_error(Int4Linear(weight, None)(rows).double(), exact) / 10
 
 
-def test_our_int4_kernel_gives_a_row_the_same_bits_alone_and_in_any_batch(own_int4: None) -> None:
+def test_our_q4_1_kernel_gives_a_row_the_same_bits_alone_and_in_any_batch(own_kernels: None) -> None:
     """Rows are blocked in pairs and outputs in tiles of 32 split across threads: no row's numbers may change."""
     torch.manual_seed(5)
-    layer = Int4Int16Linear(q4_1_weight(3072, 576))
+    layer = Q4Linear(q4_1_weight(3072, 576))
     rows = torch.randn(17, 576)
     alone = torch.cat([layer(rows[i : i + 1]) for i in range(len(rows))])
     for size in (2, 3, 16, 17):
@@ -186,17 +189,55 @@ def test_our_int4_kernel_gives_a_row_the_same_bits_alone_and_in_any_batch(own_in
     assert torch.equal(layer(rows[5:12]), alone[5:12])
 
 
-def test_our_int4_kernel_runs_as_torchscript_and_keeps_leading_dimensions(own_int4: None, rows: torch.Tensor) -> None:
-    layer = Int4Int16Linear(q4_1_weight())
+def test_our_q4_1_layer_runs_as_torchscript_and_keeps_shapes(own_kernels: None, rows: torch.Tensor) -> None:
+    layer = Q4Linear(q4_1_weight())
     assert torch.equal(torch.jit.script(layer)(rows), layer(rows))
     assert layer(torch.randn(2, 3, 64)).shape == (2, 3, 96)
     assert torch.equal(layer(torch.zeros(1, 64)), torch.zeros(1, 96))  # an all-zero row has no scale to divide by
 
 
+def q8_0_weight(out_features: int = 96, in_features: int = 64) -> torch.Tensor:
+    """Weights as GGUF's Q8_0 stores them (the bundled SmolLM2's LM head): levels -127..127 times a float16 scale
+    per group of 32 inputs, the largest |level| of each group 127."""
+    torch.manual_seed(6)
+    groups = in_features // INT4_GROUP
+    levels = torch.randint(-127, 128, (out_features, groups, INT4_GROUP)).float()
+    levels[..., 0] = 127
+    scale = (torch.rand(out_features, groups, 1) * 0.001 + 0.0001).half().float()
+    return (levels * scale).reshape(out_features, in_features)
+
+
+def test_q8_0_weights_are_recovered_exactly() -> None:
+    weight = q8_0_weight()
+    levels, scale = int8_groups(weight)
+    assert torch.equal((levels.reshape(96, -1, INT4_GROUP) * scale).reshape(96, 64), weight)
+
+
+def test_our_q8_0_kernel_multiplies_16_bit_rows_by_the_weights_exactly(own_kernels: None) -> None:
+    torch.manual_seed(7)
+    for out_features, in_features in [(96, 64), (49152 // 64, 576)]:
+        weight = q8_0_weight(out_features, in_features)
+        rows = torch.randn(5, in_features) * torch.logspace(-2, 2, in_features)
+        scale = rows.abs().amax(dim=1, keepdim=True) / 32767
+        expected = ((rows / scale).round() * scale).double() @ weight.double().T
+        actual = Q8Linear(weight)(rows).double()
+        assert float((actual - expected).abs().max() / expected.abs().max()) < 2e-5  # float32 sums of the groups
+
+
+def test_our_q8_0_kernel_gives_a_row_the_same_bits_alone_and_in_any_batch(own_kernels: None) -> None:
+    torch.manual_seed(8)
+    layer = torch.jit.script(Q8Linear(q8_0_weight(200, 576)))
+    rows = torch.randn(9, 576)
+    alone = torch.cat([layer(rows[i : i + 1]) for i in range(len(rows))])
+    for size in (2, 3, 9):
+        assert torch.equal(layer(rows[:size]), alone[:size])
+    assert torch.equal(layer(rows[4:7]), alone[4:7])
+
+
 @needs_int4
-def test_int4_layers_go_to_the_kernel_that_can_take_them(own_int4: None) -> None:
-    assert isinstance(make_linear("int4", torch.randn(96, 64), None, None), Int4Int16Linear)
-    assert isinstance(make_linear("int4", torch.randn(40, 64), None, None), Int4Int16Linear)  # outputs 8k
+def test_int4_layers_go_to_the_kernel_that_can_take_them(own_kernels: None) -> None:
+    assert isinstance(make_linear("int4", torch.randn(96, 64), None, None), Q4Linear)
+    assert isinstance(make_linear("int4", torch.randn(40, 64), None, None), Q4Linear)  # outputs 8k
     assert isinstance(make_linear("int4", torch.randn(96, 64), torch.randn(96), None), Int4Linear)  # a bias: torch's
     assert isinstance(make_linear("int4", torch.randn(36, 64), None, None), Float16Linear)  # outputs not 8k
     assert isinstance(make_linear("int4", torch.randn(96, 48), None, None), Float16Linear)  # inputs not 32k
@@ -205,7 +246,7 @@ def test_int4_layers_go_to_the_kernel_that_can_take_them(own_int4: None) -> None
 @needs_int4
 def test_without_our_kernel_int4_runs_on_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
     """No compiler (or a failed build): int4 still serves, on torch's kernel, and says so."""
-    monkeypatch.setattr(int4_kernel, "load", lambda: "its kernel could not be built here (no g++)")
+    monkeypatch.setattr(integer_kernels, "load", lambda: "our kernels could not be built here (no g++)")
     assert isinstance(make_linear("int4", torch.randn(96, 64), None, None), Int4Linear)
     assert "torch's kernel" in decoders.int4_kernel_in_use()
     assert "no g++" in decoders.int4_kernel_in_use()
@@ -215,21 +256,22 @@ def test_a_failed_build_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) 
     import torch.utils.cpp_extension
 
     def failing_build(**kwargs: object) -> None:
-        raise RuntimeError("Error building extension 'llm_serving_int4'\ng++: not found")
+        raise RuntimeError("Error building extension 'llm_serving_integer_linear'\ng++: not found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", failing_build)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    int4_kernel.load.cache_clear()
+    integer_kernels.load.cache_clear()
     try:
-        assert int4_kernel.load() == "its kernel could not be built here (Error building extension 'llm_serving_int4')"
+        expected = "our kernels could not be built here (Error building extension 'llm_serving_integer_linear')"
+        assert integer_kernels.load() == expected
     finally:
-        int4_kernel.load.cache_clear()
+        integer_kernels.load.cache_clear()
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
-    int4_kernel.load.cache_clear()
+    integer_kernels.load.cache_clear()
     try:
-        assert int4_kernel.load() == "this CPU has no AVX2 (torch reports DEFAULT)"
+        assert integer_kernels.load() == "this CPU has no AVX2 (torch reports DEFAULT)"
     finally:
-        int4_kernel.load.cache_clear()
+        integer_kernels.load.cache_clear()
 
 
 @needs_int4
