@@ -52,8 +52,10 @@ def _module_bytes(module: torch.nn.Module) -> int:
         return weight.numel() * weight.element_size()
     size = module.in_features * module.out_features
     kind = getattr(module, "original_name", type(module).__name__)  # a scripted module keeps its class's name there
-    if kind == "Int4Linear":  # half a byte a weight, and a bfloat16 scale and zero per group of 32
+    if kind in ("Int4Linear", "Q4Linear"):  # half a byte a weight, and a 16-bit scale and zero per group of 32
         return size // 2 + size // 32 * 4
+    if kind == "Q8Linear":  # a byte a weight and a float16 scale per group of 32
+        return size + size // 32 * 2
     return size * (1 if kind == "Int8Linear" else 2)
 
 

@@ -1,15 +1,13 @@
-"""An experiment for issue 11: a 4-bit weight kernel of our own against fbgemm's float16 one, on the default model.
+"""The int4 format's kernels against fbgemm's float16, on every projection of the default model's decode step.
 
-    python bench/bench_int4_kernel.py --avx2   # needs a C++ compiler (g++) and ninja (requirements-dev.txt)
+    python bench/bench_int4_kernel.py --avx2   # needs g++ (the kernels are built as the server builds them)
 
-The bundled SmolLM2 comes from a GGUF file in Q4_1 (4-bit values in groups of 32 inputs, a scale and a low end per
-group), so its projections can be stored in 4 bits exactly: a quarter of float16's bytes. torch's own 4-bit CPU
-kernel is slower than float16 on an AVX2 CPU (docs/benchmarks.md), so this builds one (bench/kernels/int4_linear.cpp,
-AVX2 + FMA, activations in float32) with torch's C++ extension tooling and times every projection of one decode step
-(30 layers: fused q/k/v, out, fused gate/up, down; the LM head is 8-bit in the GGUF and not included) against
-`linear_dynamic_fp16`, which the server runs, interleaved, medians. It also checks the kernel's numbers against a
-float32 matrix product of the same weights and that a row's result is the same bit for bit alone and in a batch;
-it exits with 1 if either check fails. The server does not use this kernel.
+Times, per batch size, one decode step's projections (30 layers: fused q/k/v, out, fused gate/up, down) plus the LM
+head, in the server's own layers: our kernels (quantization.Q4Linear for the layers, Q8Linear for the LM head:
+4- and 8-bit weights times 16-bit activations, in integers), torch's int4 kernel (quantization.Int4Linear, bfloat16
+activations; LM head float16, as it serves) and fbgemm's float16 (Float16Linear, what QUANTIZATION=float16 serves).
+Interleaved, medians. It also checks that our kernels give a row the same bits alone and in the batch, and stay within
+1e-3 of the float32 product; it exits with 1 if not.
 """
 
 from __future__ import annotations
@@ -17,13 +15,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -31,115 +25,83 @@ sys.path.insert(0, str(ROOT))
 from bench.machine import cap_kernels_at_avx2, cpu_description  # noqa: E402
 from bench.report import replace_section  # noqa: E402
 
-LANES = 16  # outputs per tile in the kernel
-ROWS = (1, 2, 4, 16)
-
-
-def build_kernel() -> None:
-    """Compile bench/kernels/int4_linear.cpp (about 10 s) and register it as torch.ops.llm_kernels.int4_linear."""
-    from torch.utils.cpp_extension import load
-
-    build = Path(tempfile.gettempdir()) / "llm-serving-int4-kernel"
-    build.mkdir(exist_ok=True)
-    load(
-        name="llm_kernels",
-        sources=[str(ROOT / "bench" / "kernels" / "int4_linear.cpp")],
-        extra_cflags=["-O3", "-mavx2", "-mfma", "-std=c++17"],
-        build_directory=str(build),
-        is_python_module=False,
-    )
-
-
-def pack(weight: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The kernel's layout for a float weight [out, in] whose groups of 32 hold 16 levels each (Q4_1): 4-bit levels
-    [tiles, groups, 16, 16], scales and low ends [tiles, groups, 16]; and the float weights those stand for."""
-    import torch  # imported late: --avx2 must cap the kernels before torch loads
-
-    from inference.quantization import int4_groups
-
-    out_features, in_features = weight.shape
-    levels, scale, low = int4_groups(weight)  # the server's int4 recovers the groups the same way
-    dequantized = (levels.float() * scale + low).reshape(out_features, in_features)
-    levels, scale, low = levels.to(torch.uint8), scale[..., 0], low[..., 0]
-    # byte j of a group holds input j in its low nibble and input j + 16 in its high one
-    nibbles = levels[..., :16] | (levels[..., 16:] << 4)  # [out, groups, 16]
-    tiles = out_features // LANES
-    packed = nibbles.reshape(tiles, LANES, -1, 16).permute(0, 2, 3, 1).contiguous()
-    scales = scale.reshape(tiles, LANES, -1).permute(0, 2, 1).contiguous()
-    lows = low.reshape(tiles, LANES, -1).permute(0, 2, 1).contiguous()
-    return (packed, scales, lows), dequantized
+ROWS = (1, 2, 4, 16, 64)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--avx2", action="store_true", help="cap torch's kernels at AVX2 (the kernel is AVX2 only)")
+    parser.add_argument("--avx2", action="store_true", help="cap torch's kernels at AVX2 (ours are AVX2 only)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     if args.avx2:
         cap_kernels_at_avx2()
-    import torch
+    import torch  # imported late: --avx2 must cap the kernels before torch loads
     from transformers import AutoModelForCausalLM
 
+    from inference import integer_kernels
     from inference.loader import resolve_location
+    from inference.quantization import Float16Linear, Int4Linear, Q4Linear, Q8Linear
     from inference.settings import Settings
 
     torch.set_grad_enabled(False)
-    build_kernel()
-    int4_linear = torch.ops.llm_kernels.int4_linear
+    why_not = integer_kernels.load()
+    if why_not is not None:
+        print(f"Our kernels are unavailable: {why_not}", file=sys.stderr)
+        return 1
     _, location = resolve_location(Settings())
     model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
-    projections = []
-    recovery_error = 0.0
+    weights = []
     for layer in model.model.layers:
         attention, mlp = layer.self_attn, layer.mlp
-        for weight in (
+        weights += [
             torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]),
             attention.o_proj.weight,
             torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
             mlp.down_proj.weight,
-        ):
-            packed, dequantized = pack(weight)
-            recovery_error = max(recovery_error, (dequantized - weight).abs().max().item())
-            projections.append((packed, torch.ops.quantized.linear_prepack_fp16(dequantized, None), dequantized))
+        ]
+    head = model.lm_head.weight.detach()
+    kinds: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {
+        "ours (Q4_1 layers, Q8_0 head)": [Q4Linear(w) for w in weights] + [Q8Linear(head)],
+        "torch's int4 (head float16)": [Int4Linear(w, None) for w in weights] + [Float16Linear(head, None)],
+        "fbgemm float16": [Float16Linear(w, None) for w in [*weights, head]],
+    }
+    shapes = [*weights, head]
     failures = []
-    results: dict[int, tuple[float, float]] = {}
+    results: dict[int, dict[str, float]] = {}
     for rows in ROWS:
-        inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for _, _, w in projections}
-        packed, _, dequantized = projections[2]
-        batched = int4_linear(inputs[dequantized.shape[1]], *packed)
-        error = (batched - inputs[dequantized.shape[1]] @ dequantized.T).abs().max().item()
-        alone = int4_linear(inputs[dequantized.shape[1]][:1], *packed)
-        identical = torch.equal(alone[0], batched[0])
-        if error > 1e-3 or not identical:
-            failures.append(f"rows {rows}: error {error:.1e}, row 0 identical alone and batched: {identical}")
-        kernel_times, fbgemm_times = [], []
+        inputs = [torch.randn(rows, w.shape[1]) for w in shapes]
+        # our kernels: each row's bits alone as in the batch, and close to float32
+        for layer, x, w in zip(kinds["ours (Q4_1 layers, Q8_0 head)"][-2:], inputs[-2:], shapes[-2:], strict=True):
+            batched = layer(x)
+            alone = torch.cat([layer(x[i : i + 1]) for i in range(rows)])
+            error = float(((batched - x @ w.float().T).norm(dim=-1) / (x @ w.float().T).norm(dim=-1)).max())
+            if not torch.equal(alone, batched) or error > 1e-3:
+                failures.append(f"rows {rows}: identical alone {torch.equal(alone, batched)}, error {error:.1e}")
+        times: dict[str, list[float]] = {kind: [] for kind in kinds}
         for _ in range(args.repeats):
-            started = time.perf_counter()
-            for packed, _, dequantized in projections:
-                int4_linear(inputs[dequantized.shape[1]], *packed)
-            kernel_times.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            for _, prepacked, dequantized in projections:
-                torch.ops.quantized.linear_dynamic_fp16(inputs[dequantized.shape[1]], prepacked)
-            fbgemm_times.append(time.perf_counter() - started)
-        results[rows] = (statistics.median(kernel_times) * 1000, statistics.median(fbgemm_times) * 1000)
-        kernel_ms, fbgemm_ms = results[rows]
-        print(f"rows {rows}: int4 kernel {kernel_ms:.2f} ms, fbgemm float16 {fbgemm_ms:.2f} ms", flush=True)
+            for kind, layers in kinds.items():
+                started = time.perf_counter()
+                for layer, x in zip(layers, inputs, strict=True):
+                    layer(x)
+                times[kind].append((time.perf_counter() - started) * 1000)
+        results[rows] = {kind: statistics.median(values) for kind, values in times.items()}
+        print(f"rows {rows}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in results[rows].items()), flush=True)
+    names = list(kinds)
     lines = [
-        "## A 4-bit kernel of our own, an experiment (`bench/bench_int4_kernel.py`)",
+        "## The int4 format's kernels (`bench/bench_int4_kernel.py`)",
         "",
         f"On {cpu_description()}, torch threads {torch.get_num_threads()}: milliseconds for every projection",
-        "of one decode step of the default model (30 layers, LM head excluded), medians of",
-        f"{args.repeats}, interleaved. The kernel (bench/kernels/int4_linear.cpp, AVX2 + FMA) reads the Q4_1 weights",
-        "in 4 bits with float32 activations; fbgemm's float16 kernel is what the server runs. The 4-bit levels stand",
-        f"for the converted model's float16 weights to within {recovery_error:.1e}; every row's numbers identical",
-        "alone and batched.",
+        f"of one decode step of the default model (30 layers and the LM head), medians of {args.repeats},",
+        "interleaved. Ours (inference/kernels/integer_linear.cpp) multiply 4-bit (layers) and 8-bit (LM head) weights",
+        "by activations rounded per row to 16 bits, in integers; every row's numbers identical alone and batched.",
         "",
-        "| rows | int4 kernel (ms) | fbgemm float16 (ms) | int4 / float16 |",
-        "| --- | --- | --- | --- |",
+        "| rows | " + " | ".join(f"{name} (ms)" for name in names) + " | ours / float16 |",
+        "| --- | " + " | ".join("---" for _ in names) + " | --- |",
     ]
-    lines += [f"| {rows} | {k:.2f} | {f:.2f} | {k / f:.2f} |" for rows, (k, f) in results.items()]
+    for rows, row in results.items():
+        cells = " | ".join(f"{row[name]:.2f}" for name in names)
+        lines.append(f"| {rows} | {cells} | {row[names[0]] / row[names[2]]:.2f} |")
     markdown = "\n".join(lines) + "\n"
     print(markdown)
     for failure in failures:

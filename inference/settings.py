@@ -44,9 +44,9 @@ class Settings(BaseSettings):
     # `auto` is float32 on the CPU and float16 on CUDA. `bfloat16` on a CPU with AMX serves ~1.5x the tokens/s under
     # load in less memory, but a request's text may then differ alone and batched (docs/benchmarks.md).
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    # Weight format on the CPU. `auto` tries int8, then float16 weights, and keeps the first whose perplexity on a
-    # built-in text stays within 3% of float32's and whose likeliest next token agrees at 98% of positions (checked at
-    # the first start); `int4` is the smallest (and on some CPUs the fastest for one client); `none` keeps float32
+    # Weight format on the CPU. `auto` tries int4 (where our AVX2 kernels build: g++ and ninja), int8, then float16
+    # weights, and keeps the first whose perplexity on a built-in text stays within 3% of float32's and whose
+    # likeliest next token agrees at 98% of positions (checked at the first start); `none` keeps float32
     # (docs/benchmarks.md).
     quantization: Literal["auto", "none", "float16", "int8", "int4"] = "auto"
     # Llama-architecture models run a lean forward pass of their own in float32 (inference/fast_llama.py, ~1.3x
