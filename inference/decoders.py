@@ -3,8 +3,8 @@
 `build_decoder` turns a loaded transformers model into a `Decoder` and decides QUANTIZATION: with `auto` on a CPU it
 tries the smallest formats first (int4 where our integer kernels build, then int8, then float16) and keeps the first
 that passes the quality check against float32 on a built-in text (quantization.QualityCheck), so quality is checked
-on the machine and model it serves. The check's verdicts (and int8's calibration) are kept in MODEL_CACHE_DIR, keyed by the model's weights, so
-only the first start pays for them (`python -m inference.prepare` does it ahead of time).
+on the machine and model it serves. The check's verdicts (and int8's calibration) are kept in MODEL_CACHE_DIR, keyed
+by the model's weights, so only the first start pays for them (`python -m inference.prepare` does it ahead of time).
 """
 
 from __future__ import annotations

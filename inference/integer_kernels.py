@@ -2,7 +2,8 @@
 activations, multiplied in integers on AVX2.
 
 Built from source with torch's C++ extension tooling the first time it is needed (about 10 s; needs g++ and ninja)
-and kept in torch's extension cache, so later starts only load it. Where it can't be built (no compiler, no AVX2),
+into torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions), so later starts only
+load the library. Where it can't be built (no compiler, no AVX2),
 `load` says why and int4 falls back to torch's own 4-bit kernel (quantization.Int4Linear). The layers that call them
 are quantization.Q4Linear and Q8Linear.
 """
@@ -10,11 +11,14 @@ are quantization.Q4Linear and Q8Linear.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import subprocess
 import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 logger = logging.getLogger(__name__)
 
@@ -22,27 +26,60 @@ SOURCE = Path(__file__).parent / "kernels" / "integer_linear.cpp"
 # -fopenmp: at::parallel_for splits work across threads only when compiled with it (else it runs on one); at run
 # time the extension shares the libgomp torch has already loaded (same soname), so one thread team serves both
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp"]
+NAME = "llm_serving_integer_linear"
+
+
+def build_folder() -> Path:
+    """Where this source, these flags and this torch build their library: one folder each, so a changed kernel is
+    never loaded from an older build."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([*FLAGS, torch.__version__]).encode()).hexdigest()[:16]
+    return Path(get_default_build_root()) / f"{NAME}-{key}"
+
+
+def _build(folder: Path) -> None:
+    """Compile and link into `folder` and load the library. torch's tooling guards a build with a lock file that a
+    killed build leaves behind, after which every later start would wait for it forever; so builds take a lock of
+    our own, which the OS frees when its holder dies, and clear a leftover one under it."""
+    from torch.utils.cpp_extension import load as build
+
+    folder.mkdir(parents=True, exist_ok=True)
+    library = folder / f"{NAME}.so"
+    with FileLock(str(folder / "build.lock")):
+        try:
+            torch.ops.load_library(str(library))  # type: ignore[no-untyped-call]  # built by the one we waited for
+            return
+        except OSError:  # missing, or left broken by a build killed mid-link
+            library.unlink(missing_ok=True)
+        (folder / "lock").unlink(missing_ok=True)
+        build(
+            name=NAME,
+            sources=[str(SOURCE)],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            is_python_module=False,
+        )
 
 
 @functools.cache
 def load() -> str | None:
-    """Build (once per machine and torch) and register torch.ops.llm_serving.q4_1_linear and q8_0_linear; None when
-    they are ready, else why they are not."""
+    """Build (once per machine, source and torch) and register torch.ops.llm_serving.q4_1_linear and q8_0_linear;
+    None when they are ready, else why they are not."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"this CPU has no AVX2 (torch reports {torch.backends.cpu.get_cpu_capability()})"
     started = time.perf_counter()
+    folder = build_folder()
+    library = folder / f"{NAME}.so"
     try:
-        from torch.utils.cpp_extension import load as build
-
-        build(
-            name="llm_serving_integer_linear",
-            sources=[str(SOURCE)],
-            extra_cflags=FLAGS,
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
-    except (OSError, RuntimeError, ImportError, ValueError) as exc:  # no compiler, no ninja, a failed build
+        try:
+            torch.ops.load_library(str(library))  # type: ignore[no-untyped-call]  # built before: no toolchain
+        except OSError:  # not built yet (or being built, or broken)
+            _build(folder)
+    except (OSError, RuntimeError, ImportError, ValueError, subprocess.SubprocessError) as exc:
+        # no compiler, no ninja, a failed build: the caller falls back and says why
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"our kernels could not be built here ({first_line})"
-    logger.info("Integer kernels ready in %.1f s", time.perf_counter() - started)
+    logger.info("Integer kernels ready in %.1f s (%s)", time.perf_counter() - started, folder)
     return None

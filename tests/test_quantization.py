@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -250,6 +253,35 @@ def test_without_our_kernel_int4_runs_on_torchs(monkeypatch: pytest.MonkeyPatch)
     assert isinstance(make_linear("int4", torch.randn(96, 64), None, None), Int4Linear)
     assert "torch's kernel" in decoders.int4_kernel_in_use()
     assert "no g++" in decoders.int4_kernel_in_use()
+
+
+def test_a_build_killed_half_way_does_not_block_or_break_the_next_start(tmp_path: Path) -> None:
+    """A start killed while building leaves torch's lock file (which would make every later start wait forever) and
+    maybe a half-written library: the next start builds again and loads the kernels."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the kernels need AVX2")
+    environment = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+
+    def python(code: str, **env: str) -> str:
+        script = f"from inference import integer_kernels\n{code}"
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**environment, **env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        return done.stdout.strip()
+
+    folder = Path(python("print(integer_kernels.build_folder())"))
+    folder.mkdir(parents=True)
+    (folder / "lock").touch()
+    (folder / f"{integer_kernels.NAME}.so").write_bytes(b"not a library: the linker was killed")
+    assert python("print(integer_kernels.load())") == "None"
+    # the next start loads that build: no compiler or ninja needed (none on its PATH)
+    loaded = python("import torch; print(integer_kernels.load(), torch.ops.llm_serving.q8_0_linear)", PATH="/none")
+    assert loaded.startswith("None llm_serving.q8_0_linear"), loaded
 
 
 def test_a_failed_build_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
