@@ -32,10 +32,11 @@ NAME = "llm_serving_integer_linear"
 def build_folder() -> Path:
     """Where this source, these flags and this torch build their library: one folder each, so a changed kernel is
     never loaded from an older build."""
-    from torch.utils.cpp_extension import get_default_build_root
+    # torch's own choice of folder (TORCH_EXTENSIONS_DIR, else per user, Python and device kind); it creates it
+    from torch.utils.cpp_extension import _get_build_directory
 
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([*FLAGS, torch.__version__]).encode()).hexdigest()[:16]
-    return Path(get_default_build_root()) / f"{NAME}-{key}"
+    return Path(_get_build_directory(f"{NAME}-{key}", verbose=False))
 
 
 def _build(folder: Path) -> None:

@@ -275,7 +275,7 @@ def test_a_build_killed_half_way_does_not_block_or_break_the_next_start(tmp_path
         return done.stdout.strip()
 
     folder = Path(python("print(integer_kernels.build_folder())"))
-    folder.mkdir(parents=True)
+    assert folder.parent == tmp_path
     (folder / "lock").touch()
     (folder / f"{integer_kernels.NAME}.so").write_bytes(b"not a library: the linker was killed")
     assert python("print(integer_kernels.load())") == "None"
@@ -284,12 +284,13 @@ def test_a_build_killed_half_way_does_not_block_or_break_the_next_start(tmp_path
     assert loaded.startswith("None llm_serving.q8_0_linear"), loaded
 
 
-def test_a_failed_build_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_build_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import torch.utils.cpp_extension
 
     def failing_build(**kwargs: object) -> None:
         raise RuntimeError("Error building extension 'llm_serving_integer_linear'\ng++: not found")
 
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there yet
     monkeypatch.setattr(torch.utils.cpp_extension, "load", failing_build)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     integer_kernels.load.cache_clear()
