@@ -3,9 +3,8 @@ activations, multiplied in integers on AVX2.
 
 Built from source with torch's C++ extension tooling the first time it is needed (about 10 s; needs g++ and ninja)
 into torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions), so later starts only
-load the library. Where it can't be built (no compiler, no AVX2),
-`load` says why and int4 falls back to torch's own 4-bit kernel (quantization.Int4Linear). The layers that call them
-are quantization.Q4Linear and Q8Linear.
+load the library. Where it can't be built (no compiler, no AVX2), `load` says why and int4 falls back to torch's own
+4-bit kernel (quantization.Int4Linear). The layers that call them are quantization.Q4Linear and Q8Linear.
 """
 
 from __future__ import annotations
@@ -39,14 +38,18 @@ def build_folder() -> Path:
     return Path(_get_build_directory(f"{NAME}-{key}", verbose=False))
 
 
-def _build(folder: Path) -> None:
-    """Compile and link into `folder` and load the library. torch's tooling guards a build with a lock file that a
+def cpu_has_avx2() -> bool:
+    """The kernels' one requirement of the CPU, as torch sees it (ATEN_CPU_CAPABILITY caps it)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _build(library: Path) -> None:
+    """Compile and link `library` and load it. torch's tooling guards a build with a lock file that a
     killed build leaves behind, after which every later start would wait for it forever; so builds take a lock of
     our own, which the OS frees when its holder dies, and clear a leftover one under it."""
     from torch.utils.cpp_extension import load as build
 
-    folder.mkdir(parents=True, exist_ok=True)
-    library = folder / f"{NAME}.so"
+    folder = library.parent
     with FileLock(str(folder / "build.lock")):
         try:
             torch.ops.load_library(str(library))  # type: ignore[no-untyped-call]  # built by the one we waited for
@@ -68,7 +71,7 @@ def _build(folder: Path) -> None:
 def load() -> str | None:
     """Build (once per machine, source and torch) and register torch.ops.llm_serving.q4_1_linear and q8_0_linear;
     None when they are ready, else why they are not."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if not cpu_has_avx2():
         return f"this CPU has no AVX2 (torch reports {torch.backends.cpu.get_cpu_capability()})"
     started = time.perf_counter()
     folder = build_folder()
@@ -77,7 +80,7 @@ def load() -> str | None:
         try:
             torch.ops.load_library(str(library))  # type: ignore[no-untyped-call]  # built before: no toolchain
         except OSError:  # not built yet (or being built, or broken)
-            _build(folder)
+            _build(library)
     except (OSError, RuntimeError, ImportError, ValueError, subprocess.SubprocessError) as exc:
         # no compiler, no ninja, a failed build: the caller falls back and says why
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

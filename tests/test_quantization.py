@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,17 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float(((actual - expected).norm(dim=-1) / expected.norm(dim=-1)).max())
 
 
+def one_at_a_time(layer: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """Each row through `layer` alone, stacked: what a batch of them must give bit for bit."""
+    return torch.cat([layer(rows[i : i + 1]) for i in range(len(rows))])
+
+
+def rounded_to_16_bits(rows: torch.Tensor) -> torch.Tensor:
+    """Rows as our kernels round them: one scale per row, its largest |value| onto 32767."""
+    scale = rows.abs().amax(dim=1, keepdim=True) / 32767
+    return (rows / scale).round() * scale
+
+
 @pytest.fixture
 def weight() -> torch.Tensor:
     torch.manual_seed(0)
@@ -58,7 +70,7 @@ def test_int8_is_close_to_float32(weight: torch.Tensor, rows: torch.Tensor) -> N
 
 def test_int8_rows_are_the_same_alone_and_batched(weight: torch.Tensor, rows: torch.Tensor) -> None:
     layer = Int8Linear(weight, None, None)
-    alone = torch.cat([layer(rows[i : i + 1]) for i in range(len(rows))])
+    alone = one_at_a_time(layer, rows)
     assert torch.equal(alone, layer(rows))  # bit for bit, whatever the neighbours
 
 
@@ -126,7 +138,7 @@ def test_int4_is_close_to_float32_for_any_weights(weight: torch.Tensor, rows: to
 @needs_int4
 def test_int4_rows_are_the_same_alone_and_batched(rows: torch.Tensor) -> None:
     layer = Int4Linear(q4_1_weight(), None)
-    alone = torch.cat([layer(rows[i : i + 1]) for i in range(len(rows))])
+    alone = one_at_a_time(layer, rows)
     assert torch.equal(alone, layer(rows))
 
 
@@ -142,7 +154,7 @@ def test_int4_adds_the_bias_and_keeps_leading_dimensions(rows: torch.Tensor) -> 
 def test_our_integer_kernels_build_and_load_here() -> None:
     """CI's machine has g++ and an AVX2 CPU, so the int4 kernel must build there (a failed build falls back to torch's
     kernel, which would hide a broken kernel source behind a slower server)."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if not integer_kernels.cpu_has_avx2():
         pytest.skip("the kernel needs AVX2")
     assert integer_kernels.load() is None
 
@@ -161,11 +173,9 @@ def test_our_q4_1_kernel_multiplies_16_bit_rows_by_the_weights_exactly(own_kerne
     for out_features, in_features in [(96, 64), (40, 64), (960, 576), (576, 1536)]:
         weight = q4_1_weight(out_features, in_features)
         rows = torch.randn(5, in_features) * torch.logspace(-2, 2, in_features)  # outliers, as activations have
-        scale = rows.abs().amax(dim=1, keepdim=True) / 32767
-        rounded = (rows / scale).round() * scale
         levels, group_scale, low = int4_groups(weight)
         stored = (levels * group_scale.half().double() + low.half().double()).reshape(weight.shape)
-        expected = rounded.double() @ stored.T
+        expected = rounded_to_16_bits(rows).double() @ stored.T
         actual = Q4Linear(weight)(rows).double()
         assert float((actual - expected).abs().max() / expected.abs().max()) < 2e-5  # float32 sums of the groups
 
@@ -186,7 +196,7 @@ def test_our_q4_1_kernel_gives_a_row_the_same_bits_alone_and_in_any_batch(own_ke
     torch.manual_seed(5)
     layer = Q4Linear(q4_1_weight(3072, 576))
     rows = torch.randn(17, 576)
-    alone = torch.cat([layer(rows[i : i + 1]) for i in range(len(rows))])
+    alone = one_at_a_time(layer, rows)
     for size in (2, 3, 16, 17):
         assert torch.equal(layer(rows[:size]), alone[:size])
     assert torch.equal(layer(rows[5:12]), alone[5:12])
@@ -221,8 +231,7 @@ def test_our_q8_0_kernel_multiplies_16_bit_rows_by_the_weights_exactly(own_kerne
     for out_features, in_features in [(96, 64), (49152 // 64, 576)]:
         weight = q8_0_weight(out_features, in_features)
         rows = torch.randn(5, in_features) * torch.logspace(-2, 2, in_features)
-        scale = rows.abs().amax(dim=1, keepdim=True) / 32767
-        expected = ((rows / scale).round() * scale).double() @ weight.double().T
+        expected = rounded_to_16_bits(rows).double() @ weight.double().T
         actual = Q8Linear(weight)(rows).double()
         assert float((actual - expected).abs().max() / expected.abs().max()) < 2e-5  # float32 sums of the groups
 
@@ -231,7 +240,7 @@ def test_our_q8_0_kernel_gives_a_row_the_same_bits_alone_and_in_any_batch(own_ke
     torch.manual_seed(8)
     layer = torch.jit.script(Q8Linear(q8_0_weight(200, 576)))
     rows = torch.randn(9, 576)
-    alone = torch.cat([layer(rows[i : i + 1]) for i in range(len(rows))])
+    alone = one_at_a_time(layer, rows)
     for size in (2, 3, 9):
         assert torch.equal(layer(rows[:size]), alone[:size])
     assert torch.equal(layer(rows[4:7]), alone[4:7])
@@ -258,7 +267,7 @@ def test_without_our_kernel_int4_runs_on_torchs(monkeypatch: pytest.MonkeyPatch)
 def test_a_build_killed_half_way_does_not_block_or_break_the_next_start(tmp_path: Path) -> None:
     """A start killed while building leaves torch's lock file (which would make every later start wait forever) and
     maybe a half-written library: the next start builds again and loads the kernels."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if not integer_kernels.cpu_has_avx2():
         pytest.skip("the kernels need AVX2")
     environment = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
 
