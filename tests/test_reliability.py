@@ -224,7 +224,9 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0() -> None:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        assert wait_until(lambda: _healthy(url), timeout_s=240), "server did not start"
+        if not wait_until(lambda: _healthy(url), timeout_s=240):
+            server.kill()  # so its output can be read: what it said is the only clue to why it never became ready
+            pytest.fail(f"server did not start (exit {server.wait()}); its output:\n{server.communicate()[0][-4000:]}")
         results: list[httpx.Response | Exception] = []
 
         def call(index: int) -> None:
