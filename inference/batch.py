@@ -26,6 +26,7 @@ class Prefilled:
     cache: DynamicCache
     attention_mask: torch.Tensor  # [rows, prompt columns], all ones (the running batch pads it when it joins)
     next_positions: torch.Tensor  # [rows, 1]
+    cache_dtype: torch.dtype | None = None  # what the running batch keeps their keys and values in (None: as is)
 
 
 def prefill(
@@ -45,7 +46,7 @@ def prefill(
     cache, logits = decoder.prefill(prompts, prefix)
     attention_mask = torch.ones((len(prompts), width), dtype=torch.long, device=logits.device)
     next_positions = torch.full((len(prompts), 1), width, dtype=torch.long, device=logits.device)
-    return Prefilled(cache, attention_mask, next_positions), logits
+    return Prefilled(cache, attention_mask, next_positions, decoder.cache_dtype), logits
 
 
 class RunningBatch:
@@ -69,7 +70,7 @@ class RunningBatch:
         """Stack prefilled rows under the running ones, padding whichever is narrower on the left."""
         if self.cache is None or self.size == 0:
             # an idle batch starts afresh, so buffers left from a busier time are freed
-            self.cache = SlotCache(newcomers.cache, self.max_rows)
+            self.cache = SlotCache(newcomers.cache, self.max_rows, newcomers.cache_dtype)
             self.cache.add_rows(newcomers.cache)
             self.attention_mask = newcomers.attention_mask
             self.next_positions = newcomers.next_positions

@@ -55,6 +55,9 @@ CHECK_VERSION = "3"
 class Decoder(Protocol):
     """What the engine asks of the model: prefill prompts of one length, decode one token per running row."""
 
+    # the dtype decode wants the running batch's keys and values in; None keeps the prefill's
+    cache_dtype: torch.dtype | None
+
     def prefill(
         self, prompts: list[list[int]], prefix: CachedPrefix | None = None
     ) -> tuple[DynamicCache, torch.Tensor]:
@@ -79,6 +82,8 @@ class Decoder(Protocol):
 
 class TransformersDecoder:
     """transformers' own forward: works for every causal LM the slot cache supports."""
+
+    cache_dtype: torch.dtype | None = None
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
@@ -351,7 +356,11 @@ def build_decoder(
         make = _factory(fmt, absmax)
         restore: Callable[[], None] | None = None
         if lean:
-            decoder: Decoder = fast_llama.LlamaDecoder(model, make, embedding_dtype=torch.float16)
+            # the formats that round already (float32 keeps transformers' numbers) decode with our attention kernel,
+            # over a float16 KV cache, where it builds
+            decoder: Decoder = fast_llama.LlamaDecoder(
+                model, make, embedding_dtype=torch.float16, attention_kernel=integer_kernels.load() is None
+            )
         else:
             restore = _swap_linears(model, make)
             decoder = plain

@@ -62,6 +62,66 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+class RunsAttention(nn.Module):
+    """Decode attention with torch's matrix products: all rows at once when none is padded, else one run of rows of
+    one length at a time, as an unpadded batch does: a sum over a padded key length differs in its last bits from the
+    same sum alone, which formats that round activations to fewer bits (int4, int8) can turn into another token.
+    Keys and values in float32. The float32 format's attention (it keeps transformers' numbers)."""
+
+    needs_runs: bool = True
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key_buffer: torch.Tensor,
+        value_buffer: torch.Tensor,
+        start: int,
+        end: int,
+        runs: list[tuple[int, int, int]],
+        row_starts: torch.Tensor,
+    ) -> torch.Tensor:
+        """query [rows, kv heads, groups, head dim] over the buffers' columns `start..end` (end excluded); returns
+        [rows, heads * head dim]."""
+        rows = query.shape[0]
+        keys = key_buffer[:rows, :, start:end]
+        values = value_buffer[:rows, :, start:end]
+        if len(runs) == 0:
+            attended = torch.matmul(torch.matmul(query, keys.transpose(2, 3)).softmax(-1), values)
+        else:
+            parts: list[torch.Tensor] = []
+            for first, stop, own_start in runs:
+                scores = torch.matmul(query[first:stop], keys[first:stop, :, own_start:].transpose(2, 3))
+                parts.append(torch.matmul(scores.softmax(-1), values[first:stop, :, own_start:]))
+            attended = torch.cat(parts)
+        return attended.reshape(rows, -1)
+
+
+# The attention kernel takes head sizes in multiples of 8 (SmolLM2, TinyLlama and Llama 3 have 64 or 128).
+KERNEL_HEAD_SIZES = 8
+
+
+class KernelAttention(nn.Module):
+    """Decode attention in one call per layer (kernels/decode_attention.cpp): every row over its own columns, so no
+    runs to find and no padding in any sum; keys and values in float16 or float32. The quantized formats' attention
+    where our kernels build."""
+
+    needs_runs: bool = False
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key_buffer: torch.Tensor,
+        value_buffer: torch.Tensor,
+        start: int,
+        end: int,
+        runs: list[tuple[int, int, int]],
+        row_starts: torch.Tensor,
+    ) -> torch.Tensor:
+        attention = torch.ops.llm_serving.decode_attention
+        attended: torch.Tensor = attention(query, key_buffer, value_buffer, row_starts, end)
+        return attended
+
+
 class DecoderLayer(nn.Module):
     """One transformer block. Written for TorchScript: a scripted module runs its whole step in C++, which at batch 1
     removes most of the Python and dispatch cost between the matrix products (docs/benchmarks.md)."""
@@ -76,9 +136,11 @@ class DecoderLayer(nn.Module):
         down: nn.Module,
         shape: tuple[int, int, int],
         eps: float,
+        attention: nn.Module,
     ) -> None:
         super().__init__()
         self.attention_norm, self.mlp_norm = attention_norm, mlp_norm
+        self.attention = attention
         self.qkv, self.out, self.gate_up, self.down = qkv, out, gate_up, down
         self.heads, self.kv_heads, self.head_dim = shape
         self.groups = self.heads // self.kv_heads
@@ -128,6 +190,7 @@ class DecoderLayer(nn.Module):
         hidden: torch.Tensor,
         rotary: torch.Tensor,
         runs: list[tuple[int, int, int]],
+        row_starts: torch.Tensor,
         key_buffer: torch.Tensor,
         value_buffer: torch.Tensor,
         start: int,
@@ -135,7 +198,7 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """One decode step for rows [rows, hidden]: writes cache column `end` and attends over `start..end`;
         `runs` holds (first row, end row, left padding) for each run of consecutive rows of one length (empty when
-        no row is padded)."""
+        no row is padded, or when the attention does not need them), `row_starts` each row's first real column."""
         rows = hidden.shape[0]
         # 1. project; rotate queries and keys together with each row's rotation matrix
         qkv = self.qkv(rms_norm(hidden, self.attention_norm, self.eps))
@@ -143,23 +206,10 @@ class DecoderLayer(nn.Module):
         # 2. this step's keys and values go straight into the cache's buffers
         key_buffer[:rows, :, end] = qk[:, self.heads :]
         value_buffer[:rows, :, end] = qkv[:, self.qk_width :].view(rows, self.kv_heads, self.head_dim)
-        keys = key_buffer[:rows, :, start : end + 1]
-        values = value_buffer[:rows, :, start : end + 1]
         # 3. attention: each key/value head serves `groups` query heads, no copies of keys
         query = qk[:, : self.heads].view(rows, self.kv_heads, self.groups, self.head_dim)
-        if len(runs) == 0:
-            attended = torch.matmul(torch.matmul(query, keys.transpose(2, 3)).softmax(-1), values)
-        else:
-            # rows of different lengths attend over their own keys only, a run of rows of one length at a time (as
-            # an unpadded batch does): a sum over a padded key length differs in its last bits from the same sum
-            # alone, which formats that round activations to fewer bits (int4, int8) can turn into another token
-            parts: list[torch.Tensor] = []
-            for first, stop, own_start in runs:
-                own_keys = keys[first:stop, :, own_start:]
-                scores = torch.matmul(query[first:stop], own_keys.transpose(2, 3))
-                parts.append(torch.matmul(scores.softmax(-1), values[first:stop, :, own_start:]))
-            attended = torch.cat(parts)
-        hidden = hidden + self.out(attended.view(rows, -1))
+        attended = self.attention(query, key_buffer, value_buffer, start, end + 1, runs, row_starts)
+        hidden = hidden + self.out(attended)
         # 4. the feed-forward block
         return self.mlp(hidden)
 
@@ -177,10 +227,12 @@ class DecodeStep(nn.Module):
         sin: torch.Tensor,
         rotation: torch.Tensor,
         eps: float,
+        needs_runs: bool,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.eps = eps
+        self.needs_runs = needs_runs
         self.embedding, self.final_norm, self.lm_head = embedding, final_norm, lm_head
         self.cos, self.sin, self.rotation = cos, sin, rotation
 
@@ -197,19 +249,24 @@ class DecodeStep(nn.Module):
         # 1. embeddings, and one rotation matrix per row shared by every layer
         hidden = self.embedding[tokens].float()
         rotary = torch.diag_embed(self.cos[positions]) + self.rotation * self.sin[positions].unsqueeze(1)
-        # 2. runs of consecutive rows with the same left padding (none when no row has any)
+        # 2. each row's first real column, and runs of consecutive rows with the same left padding (none when no row
+        # has any) for an attention that takes the rows a run at a time
         runs: list[tuple[int, int, int]] = []
-        if attention_mask is not None:
-            padding: list[int] = (attention_mask == 0).sum(-1).tolist()
-            first = 0
-            for row in range(1, len(padding)):
-                if padding[row] != padding[first]:
-                    runs.append((first, row, padding[first]))
-                    first = row
-            runs.append((first, len(padding), padding[first]))
+        if attention_mask is None:
+            row_starts = torch.full_like(tokens, start)
+        else:
+            row_starts = (attention_mask == 0).sum(-1) + start
+            if self.needs_runs:
+                padding: list[int] = (row_starts - start).tolist()
+                first = 0
+                for row in range(1, len(padding)):
+                    if padding[row] != padding[first]:
+                        runs.append((first, row, padding[first]))
+                        first = row
+                runs.append((first, len(padding), padding[first]))
         # 3. the layers, each writing its column of the cache
         for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, rotary, runs, key_buffers[index], value_buffers[index], start, end)
+            hidden = layer(hidden, rotary, runs, row_starts, key_buffers[index], value_buffers[index], start, end)
         # 4. logits for the next token
         logits: torch.Tensor = self.lm_head(rms_norm(hidden, self.final_norm, self.eps))
         return logits
@@ -227,7 +284,9 @@ def _script(module: nn.Module) -> nn.Module:
 class LlamaDecoder:
     """Prefill and decode for a Llama model; `linear` decides how the projections are stored (float32, int8...).
     It copies what it needs, so the transformers model may be dropped once it is built. `compiled` runs the layers
-    as TorchScript (the default); eager mode computes the same and is kept for comparison and debugging."""
+    as TorchScript (the default); eager mode computes the same and is kept for comparison and debugging.
+    `attention_kernel` decodes with our attention kernel (KernelAttention, loaded by integer_kernels.load()) over a
+    float16 KV cache, half the memory of float32's; heads whose size it can't take keep RunsAttention and float32."""
 
     def __init__(
         self,
@@ -235,12 +294,18 @@ class LlamaDecoder:
         linear: LinearFactory = plain_linear,
         embedding_dtype: torch.dtype | None = None,
         compiled: bool = True,
+        attention_kernel: bool = False,
     ) -> None:
         config: Any = model.config
         inner: Any = model.model
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.device = model.device
+        fits = self.head_dim % KERNEL_HEAD_SIZES == 0 and self.device.type == "cpu"
+        self.attention_kernel = attention_kernel and fits
+        # the dtype the running batch keeps keys and values in (prefills compute in float32 and are converted as
+        # their rows join it); None: float32, as prefilled
+        self.cache_dtype = torch.float16 if self.attention_kernel else None
         layers = [self._layer(index, layer, linear, config.rms_norm_eps) for index, layer in enumerate(inner.layers)]
         # looked up a few rows a step, so it may be stored smaller (float16 halves it) and widened as rows are read
         embedding = inner.embed_tokens.weight.detach().to(embedding_dtype or torch.float32)
@@ -261,6 +326,7 @@ class LlamaDecoder:
             sin[0].float(),
             rotation,
             config.rms_norm_eps,
+            needs_runs=not self.attention_kernel,
         )
         self.step: nn.Module = _script(step) if compiled else step
 
@@ -279,6 +345,7 @@ class LlamaDecoder:
             down=linear(mlp.down_proj.weight, None, f"model.layers.{index}.mlp.down_proj"),
             shape=(self.heads, self.kv_heads, self.head_dim),
             eps=eps,
+            attention=KernelAttention() if self.attention_kernel else RunsAttention(),
         )
 
     @property

@@ -21,7 +21,7 @@ from filelock import FileLock
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "kernels" / "integer_linear.cpp"
+SOURCES = [Path(__file__).parent / "kernels" / name for name in ("integer_linear.cpp", "decode_attention.cpp")]
 # -fopenmp: at::parallel_for splits work across threads only when compiled with it (else it runs on one); at run
 # time the extension shares the libgomp torch has already loaded (same soname), so one thread team serves both
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp"]
@@ -34,7 +34,8 @@ def build_folder() -> Path:
     # torch's own choice of folder (TORCH_EXTENSIONS_DIR, else per user, Python and device kind); it creates it
     from torch.utils.cpp_extension import _get_build_directory
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([*FLAGS, torch.__version__]).encode()).hexdigest()[:16]
+    source = b"".join(path.read_bytes() for path in SOURCES)
+    key = hashlib.sha256(source + " ".join([*FLAGS, torch.__version__]).encode()).hexdigest()[:16]
     return Path(_get_build_directory(f"{NAME}-{key}", verbose=False))
 
 
@@ -59,7 +60,7 @@ def _build(library: Path) -> None:
         (folder / "lock").unlink(missing_ok=True)
         build(
             name=NAME,
-            sources=[str(SOURCE)],
+            sources=[str(path) for path in SOURCES],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(folder),

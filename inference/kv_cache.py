@@ -61,12 +61,13 @@ class SlotLayer(DynamicLayer):  # type: ignore[no-untyped-call]
 
 
 class SlotCache(Cache):
-    """All layers of a running batch; rows are added from a prefilled DynamicCache and removed by index."""
+    """All layers of a running batch; rows are added from a prefilled DynamicCache and removed by index. Keys and
+    values are kept in `dtype` (default: the prefilled cache's), converted as rows are added."""
 
-    def __init__(self, template: DynamicCache, max_rows: int) -> None:
+    def __init__(self, template: DynamicCache, max_rows: int, dtype: torch.dtype | None = None) -> None:
         sample = _layer_tensors(template)[0][0]
         rows, heads, _, dim = sample.shape
-        self.heads, self.dim, self.dtype, self.device = heads, dim, sample.dtype, sample.device
+        self.heads, self.dim, self.dtype, self.device = heads, dim, dtype or sample.dtype, sample.device
         self.max_rows = max(max_rows, rows)
         self.row_capacity = rows
         self.column_capacity = 0

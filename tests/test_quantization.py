@@ -159,13 +159,6 @@ def test_our_integer_kernels_build_and_load_here() -> None:
     assert integer_kernels.load() is None
 
 
-@pytest.fixture
-def own_kernels() -> None:
-    if integer_kernels.load() is not None:
-        # skipped only where test_our_integer_kernels_build_and_load_here fails or is skipped for want of AVX2
-        pytest.skip(f"our integer kernels are unavailable: {integer_kernels.load()}")
-
-
 def test_our_q4_1_kernel_multiplies_16_bit_rows_by_the_weights_exactly(own_kernels: None) -> None:
     """Against the same arithmetic in float64: rows rounded to 16 bits with one scale each, times the weights from
     their levels and float16 scales and low ends (GGUF keeps them in float16)."""
