@@ -59,7 +59,8 @@ class Settings(BaseSettings):
     # Most sequences decoded together in one step of the running batch.
     max_batch_size: int = Field(default=16, ge=1, le=256)
     # KV-cache slots of the running batch: rows x the longest row's prompt plus max_new_tokens. Bounds its memory
-    # (SmolLM2 in float32: 46 KB a slot, so 10240 slots are 0.45 GB) so long prompts can't take it all.
+    # (SmolLM2: 23 KB a slot in the quantized formats' float16 cache, so 10240 slots are 0.23 GB; 46 KB in float32)
+    # so long prompts can't take it all.
     max_batch_tokens: int = Field(default=10240, ge=64)
     # Prompt tokens prefilled in one scheduler step (at least one request): newcomers beyond it join at a later step,
     # so a crowd arriving at once neither stalls the running rows for long nor spikes memory.
