@@ -254,6 +254,7 @@ class Engine(EngineClient):
             dtype=str(loaded.dtype).removeprefix("torch."),
             weights=WeightsInfo.model_validate(dataclasses.asdict(loaded.weights)),
             forward="lean" if isinstance(loaded.decoder, LlamaDecoder) else "transformers",
+            kv_cache_dtype=str(loaded.decoder.cache_dtype or loaded.dtype).removeprefix("torch."),
             device=str(loaded.device),
             context_length=self.context_length,
             has_chat_template=formatter.has_chat_template,

@@ -55,6 +55,10 @@ class ModelInfo(BaseModel):
     forward: Literal["lean", "transformers"] = Field(
         description="`lean`: this app's own forward pass for Llama models (LEAN_FORWARD); else transformers'."
     )
+    kv_cache_dtype: str = Field(
+        description="What the running batch keeps keys and values in: float16 where the lean forward of a quantized "
+        "format decodes with our attention kernel, else the model's dtype."
+    )
     device: str
     context_length: int
     has_chat_template: bool

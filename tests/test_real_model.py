@@ -129,6 +129,7 @@ def test_auto_serves_smaller_weights_that_pass_the_quality_check(engine: Engine)
         return
     assert weights.format == "int4", weights.reason
     assert "our AVX2 kernel" in weights.reason
+    assert engine.info().kv_cache_dtype == "float16"  # decoded with our attention kernel
     assert weights.quality is not None
     assert weights.quality.passes
     assert weights.quality.top1_agreement >= 0.995, weights.quality

@@ -67,6 +67,7 @@ def test_model_info_describes_model_and_limits(http: httpx.Client, tiny_llama_di
     assert info["location"] == str(tiny_llama_dir)
     assert info["architecture"] == "LlamaForCausalLM"
     assert info["forward"] == "lean"
+    assert info["kv_cache_dtype"] == "float32"  # the tests' tiny models run float32 weights, so torch's attention
     assert info["parameters"] > 0
     assert info["has_chat_template"] is True
     assert info["context_length"] == 512
