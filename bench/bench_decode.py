@@ -3,8 +3,10 @@
     python bench/bench_decode.py            # default model; writes its section of docs/benchmarks.md
 
 Compares transformers' forward in float32 (what the engine used before) with the lean Llama forward in float32,
-float16 weights, int8 and int4 (each as TorchScript, float16 and int8 also eager), each step timed in turn (interleaved,
-so a noisy neighbour slows all alike), medians.
+float16 weights, int8 and int4 (each as TorchScript, float16 and int8 also eager; the quantized ones, as the server
+runs them, with our attention kernel over a float16 KV cache, and int4 also with torch's attention), each step timed
+in turn (interleaved, so a noisy neighbour slows all alike), medians. Batches of 16 rows run twice: every prompt of
+one length (no padding), and ragged (16 lengths, as a server's rows are, each row attending over its own keys).
 Also measures this machine's memory bandwidth and, from the bytes each format reads per step, the weight-read bound:
 batch-1 decoding cannot be faster than reading every weight once.
 """
@@ -27,9 +29,10 @@ sys.path.insert(0, str(ROOT))
 from bench.machine import cpu_description, memory_bandwidth_gb_s  # noqa: E402
 from bench.report import replace_section  # noqa: E402
 from inference import batch as batching  # noqa: E402
+from inference import integer_kernels  # noqa: E402
 from inference.decoders import Decoder, TransformersDecoder, _factory  # noqa: E402
 from inference.fast_llama import LlamaDecoder  # noqa: E402
-from inference.quantization import input_absmax  # noqa: E402
+from inference.quantization import QuantizedFormat, input_absmax  # noqa: E402
 
 PROMPT_TOKENS = 64
 
@@ -59,11 +62,14 @@ def _module_bytes(module: torch.nn.Module) -> int:
     return size * (1 if kind == "Int8Linear" else 2)
 
 
-def start_batch(decoder: Decoder, rows: int) -> batching.RunningBatch:
+def start_batch(decoder: Decoder, rows: int, ragged: bool = False) -> batching.RunningBatch:
+    """`rows` prompts of PROMPT_TOKENS tokens prefilled together; `ragged`: of PROMPT_TOKENS + 4 * row tokens instead,
+    each prefilled alone and joining in turn (a padded batch)."""
     batch = batching.RunningBatch(max_rows=rows)
-    prompts = [[1 + (row * 7 + i) % 1000 for i in range(PROMPT_TOKENS)] for row in range(rows)]
-    prefilled, logits = batching.prefill(decoder, prompts)
-    batch.add(prefilled, logits.argmax(-1, keepdim=True))
+    prompts = [[1 + (row * 7 + i) % 1000 for i in range(PROMPT_TOKENS + 4 * row * ragged)] for row in range(rows)]
+    for group in [[prompt] for prompt in prompts] if ragged else [prompts]:
+        prefilled, logits = batching.prefill(decoder, group)
+        batch.add(prefilled, logits.argmax(-1, keepdim=True))
     return batch
 
 
@@ -86,21 +92,27 @@ def main() -> int:
     calibration = (ROOT / "inference" / "data" / "calibration.txt").read_text()
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     absmax = input_absmax(model, torch.tensor([tokenizer(calibration)["input_ids"][:512]]), names)
+    kernel = integer_kernels.load() is None  # the server's choice: our attention kernel where it builds
+
+    def lean(fmt: QuantizedFormat, compiled: bool = True, attention_kernel: bool = kernel) -> LlamaDecoder:
+        make = _factory(fmt, absmax)
+        return LlamaDecoder(model, make, torch.float16, compiled=compiled, attention_kernel=attention_kernel)
+
     decoders: dict[str, Decoder] = {
         "transformers float32": TransformersDecoder(model),
         "lean float32": LlamaDecoder(model),
-        "lean float16 eager": LlamaDecoder(
-            model, _factory("float16", absmax), embedding_dtype=torch.float16, compiled=False
-        ),
-        "lean float16": LlamaDecoder(model, _factory("float16", absmax), embedding_dtype=torch.float16),
-        "lean int8 eager": LlamaDecoder(model, _factory("int8", absmax), embedding_dtype=torch.float16, compiled=False),
-        "lean int8": LlamaDecoder(model, _factory("int8", absmax), embedding_dtype=torch.float16),
-        "lean int4": LlamaDecoder(model, _factory("int4", absmax), embedding_dtype=torch.float16),
+        "lean float16 eager": lean("float16", compiled=False),
+        "lean float16": lean("float16"),
+        "lean int8 eager": lean("int8", compiled=False),
+        "lean int8": lean("int8"),
+        "lean int4, torch's attention": lean("int4", attention_kernel=False),
+        "lean int4": lean("int4"),
     }
     bandwidth = memory_bandwidth_gb_s()
     results: dict[str, Any] = {"cpu": cpu_description(), "threads": threads, "bandwidth_gb_s": bandwidth, "rows": {}}
-    for rows in (1, 16):
-        batches = {name: start_batch(decoder, rows) for name, decoder in decoders.items()}
+    for rows, ragged in ((1, False), (16, False), (16, True)):
+        label = f"{rows} ragged" if ragged else str(rows)
+        batches = {name: start_batch(decoder, rows, ragged) for name, decoder in decoders.items()}
         times: dict[str, list[float]] = {name: [] for name in decoders}
         for _ in range(args.steps):
             for name, decoder in decoders.items():
@@ -109,23 +121,28 @@ def main() -> int:
                 logits = batch.step(decoder)
                 batch.next_tokens = logits.argmax(-1, keepdim=True)
                 times[name].append(time.perf_counter() - started)
-        results["rows"][rows] = {name: round(statistics.median(t[3:]) * 1000, 2) for name, t in times.items()}
-        print(json.dumps({"rows": rows, "ms_per_step": results["rows"][rows]}), flush=True)
+        results["rows"][label] = {name: round(statistics.median(t[3:]) * 1000, 2) for name, t in times.items()}
+        print(json.dumps({"rows": label, "ms_per_step": results["rows"][label]}), flush=True)
     lines = [
         "## The decode step alone (`bench/bench_decode.py`)",
         "",
         f"On {results['cpu']}, torch threads {threads}, memory read bandwidth {bandwidth:.1f} GB/s: milliseconds per",
-        f"decode step (medians of {args.steps}, interleaved), default model, {PROMPT_TOKENS}-token prompts. The bound",
-        "is the time to read every weight once at that bandwidth: batch-1 decoding can't be faster.",
+        f"decode step (medians of {args.steps}, interleaved), default model, {PROMPT_TOKENS}-token prompts (ragged:",
+        f"{PROMPT_TOKENS} + 4 x row tokens, a padded batch). The bound is the time to read every weight once at that",
+        "bandwidth: batch-1 decoding can't be faster. The quantized formats decode with our attention kernel over a",
+        "float16 KV cache where it builds (as the server does); float32 with torch's.",
         "",
-        "| forward, weights | MB read per step | bound at batch 1 (ms) | batch 1 (ms) | % of bound | batch 16 (ms) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| forward, weights | MB read per step | bound at batch 1 (ms) | batch 1 (ms) | % of bound | batch 16 (ms) "
+        "| batch 16 ragged (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, decoder in decoders.items():
         megabytes = weight_bytes(decoder) / 1e6
         bound = megabytes / bandwidth  # MB / (GB/s) = ms
-        one, sixteen = results["rows"][1][name], results["rows"][16][name]
-        lines.append(f"| {name} | {megabytes:.0f} | {bound:.1f} | {one:.1f} | {bound / one:.0%} | {sixteen:.1f} |")
+        one, sixteen, ragged = (results["rows"][label][name] for label in ("1", "16", "16 ragged"))
+        lines.append(
+            f"| {name} | {megabytes:.0f} | {bound:.1f} | {one:.1f} | {bound / one:.0%} | {sixteen:.1f} | {ragged:.1f} |"
+        )
     markdown = "\n".join(lines) + "\n"
     print(markdown)
     replace_section(args.report, "decode", markdown)
