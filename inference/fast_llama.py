@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from inference import integer_kernels
 from inference.client import TokenLogprob
 from inference.kv_cache import SlotCache
 from inference.prefix_cache import CachedPrefix, prefill_start
@@ -285,8 +286,8 @@ class LlamaDecoder:
     """Prefill and decode for a Llama model; `linear` decides how the projections are stored (float32, int8...).
     It copies what it needs, so the transformers model may be dropped once it is built. `compiled` runs the layers
     as TorchScript (the default); eager mode computes the same and is kept for comparison and debugging.
-    `attention_kernel` decodes with our attention kernel (KernelAttention, loaded by integer_kernels.load()) over a
-    float16 KV cache, half the memory of float32's; heads whose size it can't take keep RunsAttention and float32."""
+    `attention_kernel` decodes with our attention kernel (KernelAttention) over a float16 KV cache, half the memory of
+    float32's, where it loads (integer_kernels.load()) and takes the head size; else RunsAttention and float32."""
 
     def __init__(
         self,
@@ -302,7 +303,7 @@ class LlamaDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.device = model.device
         fits = self.head_dim % KERNEL_HEAD_SIZES == 0 and self.device.type == "cpu"
-        self.attention_kernel = attention_kernel and fits
+        self.attention_kernel = attention_kernel and fits and integer_kernels.load() is None
         # the dtype the running batch keeps keys and values in (prefills compute in float32 and are converted as
         # their rows join it); None: float32, as prefilled
         self.cache_dtype = torch.float16 if self.attention_kernel else None

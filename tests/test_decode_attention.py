@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from inference.fast_llama import KernelAttention, LlamaDecoder
+from inference import integer_kernels
+from inference.fast_llama import LlamaDecoder
 from inference.quantization import Int8Linear, fbgemm_available
 from tests.test_fast_llama import assert_groups_decode_as_alone, decode_groups
 
@@ -66,6 +67,11 @@ def test_bad_arguments_raise_instead_of_reading_outside_the_buffers(starts: list
         torch.ops.llm_serving.decode_attention(torch.zeros(2, 1, 1, 16), keys, keys, torch.tensor(starts), end)
 
 
+def attention_kind(decoder: LlamaDecoder) -> str:
+    attention = decoder.layers[0].attention
+    return str(getattr(attention, "original_name", type(attention).__name__))  # scripted: the class's name there
+
+
 @pytest.fixture(scope="module")
 def llama(tiny_llama_dir: Path) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
@@ -79,7 +85,7 @@ def test_with_the_kernel_a_row_decodes_bit_for_bit_alone_and_in_a_padded_batch(
     decoder = LlamaDecoder(
         llama, lambda weight, bias, name: Int8Linear(weight, bias, None), compiled=compiled, attention_kernel=True
     )
-    assert isinstance(decoder.layers[0].attention, KernelAttention | torch.jit.ScriptModule)
+    assert attention_kind(decoder) == "KernelAttention"
     assert decoder.cache_dtype == torch.float16
     groups = [[[5, 6, 7], [8, 9, 10]], [[30, 31, 32, 33, 34, 35, 36]], [[12, 13, 14, 15, 16], [40, 41, 42, 43, 44]]]
     assert_groups_decode_as_alone(decoder, groups)
@@ -93,3 +99,12 @@ def test_the_kernel_over_a_float16_cache_decodes_what_torchs_attention_does_in_f
         # float16 keeps 11 bits of each key and value: the logits move by under 1% of their spread (attending over a
         # row's padding, or another row's keys, moves them by about their spread)
         torch.testing.assert_close(kernel_logits, torch_logits, rtol=0, atol=1e-2 * float(torch_logits.std()))
+
+
+def test_without_our_kernels_the_decoder_keeps_torchs_attention_and_float32(
+    llama: PreTrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(integer_kernels, "load", lambda: "our kernels could not be built here (no g++)")
+    decoder = LlamaDecoder(llama, attention_kernel=True)
+    assert decoder.cache_dtype is None
+    assert attention_kind(decoder) == "RunsAttention"
