@@ -121,11 +121,13 @@ class Float16Linear(nn.Module):
 
 def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weights [out, in] in groups of INT4_GROUP inputs, each spanning 16 levels from its low end (GGUF's Q4_1):
-    the levels [out, groups, INT4_GROUP] (int32, 0..15), and each group's scale and low end [out, groups, 1]."""
+    the levels [out, groups, INT4_GROUP] (uint8, 0..15), and each group's scale and low end [out, groups, 1]."""
     groups = weight.detach().float().reshape(weight.shape[0], -1, INT4_GROUP)
     low = groups.amin(dim=-1, keepdim=True)
     scale = ((groups.amax(dim=-1, keepdim=True) - low) / 15).clamp_min(TINY)
-    return ((groups - low) / scale).round().clamp(0, 15).to(torch.int32), scale, low
+    levels = (groups - low).div_(scale).round_().clamp_(0, 15)
+    # a byte a level: packing for our kernels moves a quarter of int32's bytes (start-up)
+    return levels.to(torch.uint8), scale, low
 
 
 class Int4Linear(nn.Module):
@@ -140,7 +142,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         levels, scale, low = int4_groups(weight)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.reshape(weight.shape), 1)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.reshape(weight.shape).int(), 1)
         # the kernel computes (level - 8) * scale + zero, so zero is the group's low end moved up by 8 levels
         scales_and_zeros = torch.cat([scale, low + 8 * scale], dim=-1)  # [out, groups, 2]
         self.scales_and_zeros = scales_and_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)
@@ -199,7 +201,7 @@ class Q4Linear(nn.Module):
         levels, scale, low = int4_groups(weight)
         near, far = _steps(levels.reshape(weight.shape))
         # byte p holds lane p of both: the first operand in its low nibble, the second in its high one
-        self.packed = (near | (far << 4)).to(torch.uint8).contiguous()
+        self.packed = (near | (far << 4)).contiguous()
         self.scales, self.lows = _by_vector(scale), _by_vector(low)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,10 +212,10 @@ class Q4Linear(nn.Module):
 
 def int8_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights [out, in] in groups of INT4_GROUP inputs rounded to -127..127 times a scale each (GGUF's Q8_0, the
-    bundled SmolLM2's LM head): the levels [out, in] (int32) and each group's scale [out, groups, 1]."""
+    bundled SmolLM2's LM head): the levels [out, in] (int8) and each group's scale [out, groups, 1]."""
     groups = weight.detach().float().reshape(weight.shape[0], -1, INT4_GROUP)
     scale = (groups.abs().amax(dim=-1, keepdim=True) / 127).half().float().clamp_min(TINY)
-    return (groups / scale).round().clamp(-127, 127).to(torch.int32).reshape(weight.shape), scale
+    return (groups / scale).round_().clamp_(-127, 127).to(torch.int8).reshape(weight.shape), scale
 
 
 class Q8Linear(nn.Module):
@@ -226,7 +228,7 @@ class Q8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         levels, scale = int8_groups(weight)
         near, far = _steps(levels)
-        self.packed = torch.cat([near, far], dim=-1).to(torch.int8).view(torch.uint8).contiguous()
+        self.packed = torch.cat([near, far], dim=-1).view(torch.uint8)
         self.scales = _by_vector(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
