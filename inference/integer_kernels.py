@@ -1,10 +1,12 @@
-"""Builds our integer kernels (kernels/integer_linear.cpp): 4-bit (Q4_1) and 8-bit (Q8_0) weights times 16-bit
-activations, multiplied in integers on AVX2.
+"""Builds our C++ kernels, one library: the integer kernels (kernels/integer_linear.cpp: 4-bit Q4_1 and 8-bit Q8_0
+weights times 16-bit activations, multiplied in integers on AVX2) and the decode step's attention
+(kernels/decode_attention.cpp: each row over its own keys, float16 or float32).
 
 Built from source with torch's C++ extension tooling the first time it is needed (about 10 s; needs g++ and ninja)
 into torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions), so later starts only
 load the library. Where it can't be built (no compiler, no AVX2), `load` says why and int4 falls back to torch's own
-4-bit kernel (quantization.Int4Linear). The layers that call them are quantization.Q4Linear and Q8Linear.
+4-bit kernel (quantization.Int4Linear) and the decode step keeps torch's attention. They are called by
+quantization.Q4Linear and Q8Linear and by fast_llama.KernelAttention.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ def _build(library: Path) -> None:
 
 @functools.cache
 def load() -> str | None:
-    """Build (once per machine, source and torch) and register torch.ops.llm_serving.q4_1_linear and q8_0_linear;
-    None when they are ready, else why they are not."""
+    """Build (once per machine, source and torch) and register torch.ops.llm_serving.q4_1_linear, q8_0_linear and
+    decode_attention; None when they are ready, else why they are not."""
     if not cpu_has_avx2():
         return f"this CPU has no AVX2 (torch reports {torch.backends.cpu.get_cpu_capability()})"
     started = time.perf_counter()
