@@ -228,12 +228,12 @@ class DecodeStep(nn.Module):
         sin: torch.Tensor,
         rotation: torch.Tensor,
         eps: float,
-        needs_runs: bool,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.eps = eps
-        self.needs_runs = needs_runs
+        # whether the step must find the runs of rows of one length: only an attention that takes them needs it
+        self.needs_runs = any(layer.attention.needs_runs for layer in layers)
         self.embedding, self.final_norm, self.lm_head = embedding, final_norm, lm_head
         self.cos, self.sin, self.rotation = cos, sin, rotation
 
@@ -327,7 +327,6 @@ class LlamaDecoder:
             sin[0].float(),
             rotation,
             config.rms_norm_eps,
-            needs_runs=not self.attention_kernel,
         )
         self.step: nn.Module = _script(step) if compiled else step
 
