@@ -88,5 +88,7 @@ def load() -> str | None:
         # no compiler, no ninja, a failed build: the caller falls back and says why
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"our kernels could not be built here ({first_line})"
-    logger.info("Integer kernels ready in %.1f s (%s)", time.perf_counter() - started, folder)
+    logger.info(
+        "Our kernels (integer linear, decode attention) ready in %.1f s (%s)", time.perf_counter() - started, folder
+    )
     return None
