@@ -18,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from inference import fast_llama, integer_kernels
@@ -42,6 +42,9 @@ from inference.quantization import (
     make_linear,
 )
 from inference.scoring import prompt_token_logprobs
+
+if TYPE_CHECKING:  # importing it imports transformers' modeling code (~1.5 s, ~120 MB), which a saved decoder skips
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 

@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache
 
 from inference import integer_kernels
 from inference.client import TokenLogprob
 from inference.kv_cache import SlotCache
 from inference.prefix_cache import CachedPrefix, prefill_start
 from inference.scoring import prompt_token_logprobs
+
+if TYPE_CHECKING:  # importing it imports transformers' modeling code (~1.5 s, ~120 MB), which a saved decoder skips
+    from transformers import PreTrainedModel
 
 # Makes a linear layer from (weight [out, in], bias or None, name); the quantization mode decides its kind.
 LinearFactory = Callable[[torch.Tensor, torch.Tensor | None, str], nn.Module]
@@ -330,6 +333,15 @@ class LlamaDecoder:
         )
         self.step: nn.Module = _script(step) if compiled else step
 
+    @classmethod
+    def from_step(cls, step: nn.Module, cache_dtype: torch.dtype | None) -> LlamaDecoder:
+        """A CPU decoder around a step built and saved at an earlier start (saved_decoders), without the model:
+        what `__init__` would have made of it."""
+        decoder = cls.__new__(cls)
+        decoder.step, decoder.cache_dtype, decoder.device = step, cache_dtype, torch.device("cpu")
+        decoder.attention_kernel = cache_dtype is not None
+        return decoder
+
     def _layer(self, index: int, layer: Any, linear: LinearFactory, eps: float) -> DecoderLayer:
         attention, mlp = layer.self_attn, layer.mlp
         # the attention scale goes into the query weights, so no step multiplies the scores by it
@@ -350,8 +362,9 @@ class LlamaDecoder:
 
     @property
     def layers(self) -> list[Any]:
+        # named_children, not iteration: a ModuleList read back by torch.jit.load can't be iterated from Python
         step: Any = self.step
-        return list(step.layers)
+        return [layer for _, layer in step.layers.named_children()]
 
     @property
     def lm_head(self) -> nn.Module:
@@ -374,7 +387,7 @@ class LlamaDecoder:
         if offset:
             seen = torch.arange(offset + width, device=self.device)
             causal_mask = seen[None, :] <= seen[offset:, None]  # [width, offset + width]
-        for index, layer in enumerate(step.layers):
+        for index, layer in enumerate(self.layers):
             # 2. attention: project and rotate, cache keys and values, attend causally; then the feed-forward block
             query, keys, values = layer.prompt_projections(hidden, cos, sin, step.rotation)
             keys, values = cache.update(keys, values, index)

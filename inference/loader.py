@@ -20,6 +20,7 @@ from filelock import FileLock, Timeout
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # documented, not in __all__
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
@@ -29,6 +30,7 @@ from transformers import (
 
 from inference.decoders import Decoder, WeightChoice, build_decoder
 from inference.errors import ModelNotFoundError
+from inference.saved_decoders import SavedDecoder
 from inference.settings import DEFAULT_MODEL_ID, Settings
 
 logger = logging.getLogger(__name__)
@@ -202,27 +204,61 @@ def not_found_message(settings: Settings, cause: BaseException) -> str:
     )
 
 
+def saved_decoder(
+    settings: Settings, source: ModelSource, location: str, device: torch.device, dtype: torch.dtype
+) -> SavedDecoder | None:
+    """Where this start's built decoder is kept for the next (saved_decoders), or None where it isn't: turned off,
+    a hub id (transformers resolves its files), or anything but float32 on the CPU (the lean decoder's case)."""
+    if not settings.save_built_decoder or source == "hub" or device.type != "cpu" or dtype != torch.float32:
+        return None
+    choices: dict[str, object] = {"quantization": settings.quantization, "lean_forward": settings.lean_forward}
+    return SavedDecoder(settings.model_cache_dir, Path(location), choices)
+
+
+def saved_generation_config(location: str, config: PretrainedConfig) -> GenerationConfig:
+    """The generation config `from_pretrained` would give the model: its file, else one made from its config."""
+    try:
+        return GenerationConfig.from_pretrained(location)
+    except OSError:
+        return GenerationConfig.from_model_config(config)
+
+
 def load_model(settings: Settings) -> LoadedModel:
     """Load MODEL_ID onto the chosen device; raise ModelNotFoundError with a readable message if it can't be found."""
     started = time.perf_counter()
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     source, location = resolve_location(settings)
+    saved = saved_decoder(settings, source, location, device, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        # a decoder built at an earlier start needs only the model's config files, not its weights
+        restored = saved.load() if saved is not None else None
+        if restored is None:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+            config, generation_config = model.config, model.generation_config
+        else:
+            config = AutoConfig.from_pretrained(location)
+            generation_config = saved_generation_config(location, config)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(not_found_message(settings, exc)) from exc
-    model.to(device)  # type: ignore[arg-type]  # transformers' stubs mistype nn.Module.to
-    model.eval()  # type: ignore[no-untyped-call]
     # Decoder-only models must pad on the left, so every row's last position is its newest token.
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     loaded_at = time.perf_counter()
-    decoder, weights = build_decoder(
-        model, tokenizer, settings.quantization, quality_checks_folder(settings), lean_forward=settings.lean_forward
-    )
+    decoder: Decoder
+    if restored is not None:
+        decoder, weights, parameters = restored
+    else:
+        model.to(device)  # type: ignore[arg-type]  # transformers' stubs mistype nn.Module.to
+        model.eval()  # type: ignore[no-untyped-call]
+        parameters = model.num_parameters()
+        decoder, weights = build_decoder(
+            model, tokenizer, settings.quantization, quality_checks_folder(settings), lean_forward=settings.lean_forward
+        )
+        if saved is not None:
+            saved.save(decoder, weights, parameters)
     seconds = time.perf_counter() - started
     if settings.dtype == "auto" and device.type == "cpu" and cpu_has_bf16_matrix_units():
         logger.info(
@@ -237,9 +273,9 @@ def load_model(settings: Settings) -> LoadedModel:
     return LoadedModel(
         decoder=decoder,
         tokenizer=tokenizer,
-        config=model.config,
-        generation_config=model.generation_config,
-        parameters=model.num_parameters(),
+        config=config,
+        generation_config=generation_config,
+        parameters=parameters,
         weights=weights,
         model_id=settings.model_id,
         source=source,

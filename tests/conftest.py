@@ -61,6 +61,8 @@ def make_settings(model_cache_dir: Path) -> SettingsFactory:
 
     Always float32 weights (whatever DTYPE and QUANTIZATION say): a randomly initialised tiny model has near-tied
     logits, and the tests compare exact tokens to check the engine's logic, not the precision of a weight format.
+    Decoders are built at every load, not saved (test_saved_decoders.py turns saving on): a test that changes how
+    one is built must not get one built by an earlier test.
     """
 
     def factory(folder: Path | str, **overrides: Any) -> Settings:
@@ -71,6 +73,7 @@ def make_settings(model_cache_dir: Path) -> SettingsFactory:
             "batch_wait_ms": 5,
             "dtype": "float32",
             "quantization": "none",
+            "save_built_decoder": False,
         }
         values.update(overrides)
         return Settings(**values)
