@@ -52,7 +52,7 @@ WeightFormat = Literal["none", "float16", "int8", "int4"]
 # Tokens of the built-in texts used at most (calibration and the quality check each take one forward pass).
 CHECK_TOKENS = 512
 # Bump when the quality check or how a format is built changes, so verdicts cached by an older version are redone.
-CHECK_VERSION = "3"
+CHECK_VERSION = "4"
 
 
 class Decoder(Protocol):

@@ -23,6 +23,7 @@ from inference import integer_kernels
 from inference.client import TokenLogprob
 from inference.kv_cache import SlotCache
 from inference.prefix_cache import CachedPrefix, prefill_start
+from inference.quantization import Q8Linear, Q8Rows
 from inference.scoring import prompt_token_logprobs
 
 if TYPE_CHECKING:  # importing it imports transformers' modeling code (~1.5 s, ~120 MB), which a saved decoder skips
@@ -48,6 +49,17 @@ def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> 
     return FloatLinear(weight, bias)
 
 
+class TableEmbedding(nn.Module):
+    """Token embeddings looked up in a table (which may be stored smaller: float16 halves it), in float32."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.table[tokens].float()
+
+
 def supports(model: PreTrainedModel) -> bool:
     """Llama-architecture models whose forward this module reproduces exactly."""
     config = model.config
@@ -64,6 +76,13 @@ def supports(model: PreTrainedModel) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # as transformers' LlamaRMSNorm computes it, so float32 results match it exactly
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def lm_head_is_embedding(model: PreTrainedModel) -> bool:
+    """Whether the LM head's weights are the token embeddings (tied, as in SmolLM2)."""
+    head: Any = model.get_output_embeddings()  # type: ignore[no-untyped-call]
+    table: Any = model.get_input_embeddings()
+    return head is not None and bool(head.weight.data_ptr() == table.weight.data_ptr())
 
 
 class RunsAttention(nn.Module):
@@ -224,7 +243,7 @@ class DecodeStep(nn.Module):
     def __init__(
         self,
         layers: list[DecoderLayer],
-        embedding: torch.Tensor,
+        embed: nn.Module,
         final_norm: torch.Tensor,
         lm_head: nn.Module,
         cos: torch.Tensor,
@@ -237,7 +256,7 @@ class DecodeStep(nn.Module):
         self.eps = eps
         # whether the step must find the runs of rows of one length: only an attention that takes them needs it
         self.needs_runs = any(layer.attention.needs_runs for layer in layers)
-        self.embedding, self.final_norm, self.lm_head = embedding, final_norm, lm_head
+        self.embed, self.final_norm, self.lm_head = embed, final_norm, lm_head
         self.cos, self.sin, self.rotation = cos, sin, rotation
 
     def forward(
@@ -251,7 +270,7 @@ class DecodeStep(nn.Module):
         end: int,
     ) -> torch.Tensor:
         # 1. embeddings, and one rotation matrix per row shared by every layer
-        hidden = self.embedding[tokens].float()
+        hidden = self.embed(tokens)
         rotary = torch.diag_embed(self.cos[positions]) + self.rotation * self.sin[positions].unsqueeze(1)
         # 2. each row's first real column, and runs of consecutive rows with the same left padding (none when no row
         # has any) for an attention that takes the rows a run at a time
@@ -311,11 +330,17 @@ class LlamaDecoder:
         # their rows join it); None: float32, as prefilled
         self.cache_dtype = torch.float16 if self.attention_kernel else None
         layers = [self._layer(index, layer, linear, config.rms_norm_eps) for index, layer in enumerate(inner.layers)]
-        # looked up a few rows a step, so it may be stored smaller (float16 halves it) and widened as rows are read
-        embedding = inner.embed_tokens.weight.detach().to(embedding_dtype or torch.float32)
+        lm_head = linear(model.lm_head.weight, None, "lm_head")
+        embed: nn.Module
+        if isinstance(lm_head, Q8Linear) and lm_head_is_embedding(model):
+            # a tied 8-bit head holds the embeddings already (for SmolLM2 exactly: both are its GGUF's Q8_0 table)
+            embed = Q8Rows(lm_head)
+        else:
+            # looked up a few rows a step, so it may be stored smaller (float16 halves it) and widened as read
+            embed = TableEmbedding(inner.embed_tokens.weight.detach().to(embedding_dtype or torch.float32))
         # cos/sin of every position once (a few MB), from the model's own rotary module: any rope scaling it applies
         positions = torch.arange(config.max_position_embeddings, device=self.device).unsqueeze(0)
-        cos, sin = inner.rotary_emb(embedding[:1].float(), positions)
+        cos, sin = inner.rotary_emb(inner.embed_tokens.weight[:1].detach().float(), positions)
         # rotate_half(x) == x @ rotation: rope(x) = x * cos + (x @ rotation) * sin
         half = self.head_dim // 2
         rotation = torch.zeros(self.head_dim, self.head_dim, device=self.device)
@@ -323,9 +348,9 @@ class LlamaDecoder:
         rotation[torch.arange(half), torch.arange(half) + half] = 1.0
         step = DecodeStep(
             layers,
-            embedding,
+            embed,
             inner.norm.weight.detach().float(),
-            linear(model.lm_head.weight, None, "lm_head"),
+            lm_head,
             cos[0].float(),
             sin[0].float(),
             rotation,
@@ -380,7 +405,7 @@ class LlamaDecoder:
         step: Any = self.step
         width = input_ids.shape[1]
         # 1. token embeddings, each position's rotary factors, and which keys each position may see
-        hidden = step.embedding[input_ids].float()
+        hidden = step.embed(input_ids)
         positions = slice(offset, offset + width)
         cos, sin = step.cos[positions].unsqueeze(1), step.sin[positions].unsqueeze(1)  # [width, 1, head_dim]
         causal_mask = None

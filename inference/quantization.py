@@ -237,6 +237,30 @@ class Q8Linear(nn.Module):
         return y.reshape(list(x.shape[:-1]) + [self.out_features])  # noqa: RUF005 (TorchScript: no star in calls)
 
 
+class Q8Rows(nn.Module):
+    """Rows of a Q8Linear's weights, read from its packed levels and scales (the same tensors, no copy) in float32:
+    a tied LM head's rows are the token embeddings, so the model needs no second table of them (SmolLM2: 57 MB in
+    float16). Each is exactly the level times the scale the kernel multiplies."""
+
+    def __init__(self, head: Q8Linear) -> None:
+        super().__init__()
+        # the head's own tensors: no view of another dtype, which torch.jit.save/load would turn into the same dtype
+        self.packed, self.scales, self.in_features = head.packed, head.scales, head.in_features
+        self.lanes, self.group = KERNEL_VECTOR, INT4_GROUP  # attributes: TorchScript can't read module globals
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        flat = indices.reshape(-1)
+        count = flat.shape[0]
+        # row r is lane r % 8 of vector r // 8: undo _steps' split (inputs 4q, 4q + 1 near, 4q + 2, 4q + 3 far)
+        vector, lane = torch.div(flat, self.lanes, rounding_mode="floor"), flat % self.lanes
+        steps = self.packed[vector].view(count, self.in_features // 4, 2, self.lanes, 2)
+        unsigned = steps[torch.arange(count), :, :, lane].reshape(count, -1, self.group).to(torch.int16)
+        levels = unsigned - (unsigned > 127).to(torch.int16) * 256  # the bytes are two's-complement int8 levels
+        scales = self.scales[vector, :, lane].float().unsqueeze(-1)  # [count, groups, 1]
+        rows = (levels.float() * scales).reshape(count, self.in_features)
+        return rows.reshape(list(indices.shape) + [self.in_features])  # noqa: RUF005 (TorchScript: no star in calls)
+
+
 def make_linear(
     fmt: QuantizedFormat, weight: torch.Tensor, bias: torch.Tensor | None, input_absmax: torch.Tensor | None
 ) -> nn.Module:

@@ -79,12 +79,15 @@ class SavedDecoder:
             cache_dtype = getattr(torch, facts["cache_dtype"]) if facts["cache_dtype"] else None
             quality = QualityCheck(**facts["quality"]) if facts["quality"] else None
             reason, parameters = facts["reason"] + "; built at an earlier start", int(facts["parameters"])
+            decoder = LlamaDecoder.from_step(step, cache_dtype)
+            # one token through the whole model: a save that reads back but can't run is rebuilt, not served
+            decoder.logits(torch.zeros(1, 1, dtype=torch.long))
             weights = WeightChoice(facts["format"], reason, quality, time.perf_counter() - started)
         except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
             logger.warning("Ignoring the unreadable saved decoder %s (building it again): %s", self.folder, error)
             shutil.rmtree(self.folder, ignore_errors=True)  # so that the rebuilt one can take its place
             return None
-        return LlamaDecoder.from_step(step, cache_dtype), weights, parameters
+        return decoder, weights, parameters
 
     def save(self, decoder: object, weights: WeightChoice, parameters: int) -> bool:
         """Keep `decoder` for later starts if it is a compiled lean decoder (others are rebuilt each start); True if

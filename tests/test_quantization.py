@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from inference.quantization import (
     Int8Linear,
     Q4Linear,
     Q8Linear,
+    Q8Rows,
     QualityCheck,
     compare,
     fbgemm_available,
@@ -32,6 +34,7 @@ from inference.quantization import (
     make_linear,
     perplexity,
 )
+from tests.test_fast_llama import decode_groups
 
 pytestmark = pytest.mark.skipif(not fbgemm_available(), reason="fbgemm needs an x86 CPU with AVX2")
 
@@ -237,6 +240,42 @@ def test_our_q8_0_kernel_gives_a_row_the_same_bits_alone_and_in_any_batch(own_ke
     for size in (2, 3, 9):
         assert torch.equal(layer(rows[:size]), alone[:size])
     assert torch.equal(layer(rows[4:7]), alone[4:7])
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["torchscript", "eager"])
+def test_q8_rows_are_the_weights_rows_read_from_the_packed_head_without_a_copy(compiled: bool) -> None:
+    weight = q8_0_weight(200, 576)
+    head = Q8Linear(weight)
+    rows = Q8Rows(head)
+    assert rows.packed.untyped_storage().data_ptr() == head.packed.untyped_storage().data_ptr()
+    read = torch.jit.script(rows) if compiled else rows
+    indices = torch.tensor([[0, 7, 8, 199], [100, 3, 3, 57]])  # every lane, both ends, a repeat
+    assert torch.equal(read(indices), weight[indices])  # exact: GGUF's Q8_0 values
+    assert torch.equal(read(indices[1]), weight[indices[1]])
+
+
+def test_a_tied_8_bit_head_serves_as_the_embedding_table(own_kernels: None, tiny_llama_dir: Path) -> None:
+    """A tied model's int4 decoder reads its embeddings from the 8-bit LM head (one table instead of two) and
+    decodes the same bits as with a separate table holding the head's 8-bit values."""
+    tied = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tied.lm_head.weight = tied.model.embed_tokens.weight  # as SmolLM2's are
+    assert fast_llama.lm_head_is_embedding(tied)
+    make = decoders._factory("int4", {})
+    shared = fast_llama.LlamaDecoder(tied, make)
+    assert cast(Any, shared.step).embed.original_name == "Q8Rows"
+
+    untied = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    untied.lm_head.weight = nn.Parameter(untied.model.embed_tokens.weight.detach().clone())
+    levels, scale = int8_groups(untied.lm_head.weight)
+    table = (levels.float().reshape(levels.shape[0], -1, INT4_GROUP) * scale.half().float()).reshape(levels.shape)
+    untied.model.embed_tokens.weight = nn.Parameter(table)
+    assert not fast_llama.lm_head_is_embedding(untied)
+    separate = fast_llama.LlamaDecoder(untied, make)
+    assert cast(Any, separate.step).embed.original_name == "TableEmbedding"
+
+    groups = [[[5, 6, 7]], [[30, 31, 32, 33, 34]], [[12, 13, 14, 15, 16]]]
+    for first, second in zip(decode_groups(shared, groups, 5), decode_groups(separate, groups, 5), strict=True):
+        assert torch.equal(first, second)
 
 
 @needs_int4

@@ -29,6 +29,19 @@ def llama_copy(tiny_llama_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny_llama_dir, tmp_path / "tiny-llama"))
 
 
+@pytest.fixture
+def tied_llama(tiny_llama_dir: Path, tmp_path: Path) -> Path:
+    """The tiny Llama with its LM head tied to its embeddings, as SmolLM2's is (int4 then reads the embeddings from
+    the 8-bit head: another tensor layout to save and read back)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
+    return folder
+
+
 def saved_folders(cache: Path) -> list[Path]:
     return sorted((cache / "decoders").glob("tiny-llama-*"))
 
@@ -44,10 +57,16 @@ def load_refusing_weights(settings: object, monkeypatch: pytest.MonkeyPatch) -> 
         return load_model(settings)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("quantization", ["none", "float16", "int8", "int4"])
+@pytest.mark.parametrize(
+    ("quantization", "model"),
+    [
+        *[(quantization, "llama_copy") for quantization in ("none", "float16", "int8", "int4")],
+        *[(quantization, "tied_llama") for quantization in ("none", "int4")],
+    ],
+)
 def test_a_second_start_reads_the_saved_decoder_and_decodes_the_same_bits(
     quantization: str,
-    llama_copy: Path,
+    model: str,
     tmp_path: Path,
     make_settings: SettingsFactory,
     monkeypatch: pytest.MonkeyPatch,
@@ -57,7 +76,8 @@ def test_a_second_start_reads_the_saved_decoder_and_decodes_the_same_bits(
         request.getfixturevalue("own_kernels")
     if quantization == "int8" and not fbgemm_available():
         pytest.skip("int8 layers need fbgemm (an x86 CPU with AVX2)")
-    settings = make_settings(llama_copy, model_cache_dir=tmp_path / "cache", save_built_decoder=True)
+    folder = request.getfixturevalue(model)
+    settings = make_settings(folder, model_cache_dir=tmp_path / "cache", save_built_decoder=True)
     settings = settings.model_copy(update={"quantization": quantization})
     built = load_model(settings)
     assert EARLIER not in built.weights.reason
