@@ -12,7 +12,8 @@ QUANTIZATION (and MAX_BATCH_SIZE=1 for the baselines): the first row is this app
 the second the same in transformers' forward (LEAN_FORWARD=false), the app as issue 11 found it. All servers run
 from the start and the chat load runs in rounds (--rounds, 3) that visit every server in turn, so a noisy minute on
 a shared machine slows every server in turn rather than one; ratios are taken within each round, medians reported.
-Also per server: start-up (from `python app.py` to the first answered request), peak memory, and per format the
+Also per server: start-up (from `python app.py` to the first answered request, after `python -m inference.prepare`
+as `make model` runs it: a later start, not the first), peak memory, and per format the
 quality check at start-up, whether 16 greedy prompts give the same text alone and batched, and their answers.
 """
 
@@ -159,8 +160,16 @@ async def chat_level(server: Server, clients: int, requests: int) -> ChatLevel:
     return level
 
 
+def prepared(env: dict[str, str]) -> None:
+    """What `make model` does before a first start, with these settings: the model converted, its format's quality
+    checked and its decoder built and saved (inference/saved_decoders.py), so a timed start is a later start."""
+    environment = {**os.environ, "LOG_LEVEL": "WARNING", **env}
+    subprocess.run([sys.executable, "-m", "inference.prepare"], env=environment, cwd=ROOT, check=True)
+
+
 def started_server(name: str, env: dict[str, str]) -> tuple[Server, float]:
     """Start `python app.py`; seconds from its start to the first answered chat request (the model loaded)."""
+    prepared(env)
     started = time.monotonic()
     server = Server(name, env)
     body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
