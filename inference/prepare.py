@@ -1,5 +1,6 @@
 """`python -m inference.prepare`: fetch or convert MODEL_ID once, ahead of the first start, with visible progress;
-then load it as the server would, so the weight format's quality check (QUANTIZATION) is measured and cached too."""
+then load it as the server would, so the weight format's quality check (QUANTIZATION) is measured and cached, and the
+built decoder saved (SAVE_BUILT_DECODER), too."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def main() -> int:
         print(error.message, file=sys.stderr)
         return 1
     print(f"MODEL_ID={settings.model_id} comes from the {loaded.source}: {loaded.location}")
-    print(f"Weights served as {loaded.weights.format} ({loaded.weights.reason}); later starts reuse this check.")
+    print(f"Weights served as {loaded.weights.format} ({loaded.weights.reason}); later starts reuse this check", end="")
+    print(" and the built decoder." if settings.save_built_decoder else ".")
     return 0
 
 
