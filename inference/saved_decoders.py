@@ -61,9 +61,10 @@ class SavedDecoder:
 
     def __init__(self, cache_dir: Path, model_folder: Path, choices: dict[str, object]) -> None:
         self.root = cache_dir / "decoders"
-        # one folder per model and choices; the key's tail changes whenever anything that shaped it does
-        name = f"{model_folder.name}-" + "-".join(f"{value}" for value in choices.values())
-        self.prefix = f"{name}-"
+        # one folder per model folder and choices (two folders of one name don't replace each other's saves); the
+        # key's tail changes whenever anything that shaped it does
+        where = hashlib.sha256(str(model_folder.resolve()).encode()).hexdigest()[:8]
+        self.prefix = f"{model_folder.name}-{where}-" + "".join(f"{value}-" for value in choices.values())
         self.folder = self.root / f"{self.prefix}{_key(model_folder, choices)}"
 
     def load(self) -> tuple[LlamaDecoder, WeightChoice, int] | None:

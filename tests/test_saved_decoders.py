@@ -157,6 +157,19 @@ def test_a_cache_that_cannot_be_written_only_costs_the_next_start(
     assert EARLIER not in again.weights.reason
 
 
+def test_two_model_folders_of_one_name_keep_a_save_each(
+    llama_copy: Path, tmp_path: Path, make_settings: SettingsFactory
+) -> None:
+    twin = Path(shutil.copytree(llama_copy, tmp_path / "elsewhere" / llama_copy.name))
+    cache = tmp_path / "cache"
+    for folder in (llama_copy, twin, llama_copy, twin):
+        load_model(make_settings(folder, model_cache_dir=cache, save_built_decoder=True))
+    assert len(saved_folders(cache)) == 2
+    for folder in (llama_copy, twin):
+        settings = make_settings(folder, model_cache_dir=cache, save_built_decoder=True)
+        assert EARLIER in load_model(settings).weights.reason
+
+
 def test_turned_off_nothing_is_saved(llama_copy: Path, tmp_path: Path, make_settings: SettingsFactory) -> None:
     settings = make_settings(llama_copy, model_cache_dir=tmp_path / "cache", save_built_decoder=False)
     load_model(settings)
