@@ -229,8 +229,9 @@ def load_model(settings: Settings) -> LoadedModel:
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     source, location = resolve_location(settings)
-    saved = saved_decoder(settings, source, location, device, dtype)
     try:
+        # its key lists the model folder, so an unreadable folder is reported as the model not found, as before
+        saved = saved_decoder(settings, source, location, device, dtype)
         tokenizer = AutoTokenizer.from_pretrained(location)
         # a decoder built at an earlier start needs only the model's config files, not its weights
         restored = saved.load() if saved is not None else None
