@@ -10,8 +10,9 @@ the engine's slot cache. Models it does not support keep transformers' forward (
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -295,11 +296,18 @@ class DecodeStep(nn.Module):
         return logits
 
 
-def _script(module: nn.Module) -> nn.Module:
+@contextlib.contextmanager
+def torchscript_warnings_silenced() -> Iterator[None]:
+    """Around TorchScript's script, save and load: each warns that TorchScript is deprecated."""
     with warnings.catch_warnings():
         # TorchScript is in maintenance mode and warns so; it is still the way to run a step without Python in
         # between, and torch.compile needs a C++ toolchain and a long warm-up at every start (docs/benchmarks.md).
         warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def _script(module: nn.Module) -> nn.Module:
+    with torchscript_warnings_silenced():
         scripted: nn.Module = torch.jit.script(module)
         return scripted
 

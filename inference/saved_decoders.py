@@ -16,15 +16,12 @@ transformers itself. torch.jit.load runs the saved TorchScript, so MODEL_CACHE_D
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import shutil
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,7 +30,7 @@ import transformers
 
 from inference import integer_kernels
 from inference.decoders import WeightChoice
-from inference.fast_llama import LlamaDecoder
+from inference.fast_llama import LlamaDecoder, torchscript_warnings_silenced
 from inference.quantization import QualityCheck
 
 logger = logging.getLogger(__name__)
@@ -75,7 +72,7 @@ class SavedDecoder:
         started = time.perf_counter()
         try:
             facts = json.loads((self.folder / FACTS_FILE).read_text())
-            with _quiet():
+            with torchscript_warnings_silenced():
                 step = torch.jit.load(str(self.folder / STEP_FILE), map_location="cpu")  # type: ignore[no-untyped-call]
             cache_dtype = getattr(torch, facts["cache_dtype"]) if facts["cache_dtype"] else None
             quality = QualityCheck(**facts["quality"]) if facts["quality"] else None
@@ -107,7 +104,7 @@ class SavedDecoder:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             work = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", dir=self.root))
-            with _quiet():
+            with torchscript_warnings_silenced():
                 torch.jit.save(decoder.step, str(work / STEP_FILE))
             (work / FACTS_FILE).write_text(json.dumps(facts))  # last: its presence marks a complete save
             work.rename(self.folder)
@@ -124,14 +121,6 @@ class SavedDecoder:
         seconds = time.perf_counter() - started
         logger.info("Saved the built decoder in %s (%.1f s) for later starts", self.folder, seconds)
         return True
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        # TorchScript warns that it is deprecated at every save and load; why it is still used: fast_llama._script
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
 
 
 def _key(model_folder: Path, choices: dict[str, object]) -> str:
