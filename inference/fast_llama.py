@@ -371,8 +371,8 @@ class LlamaDecoder:
         """A CPU decoder around a step built and saved at an earlier start (saved_decoders), without the model:
         what `__init__` would have made of it."""
         decoder = cls.__new__(cls)
+        # all that serving reads; the rest of __init__'s attributes only steer building the step
         decoder.step, decoder.cache_dtype, decoder.device = step, cache_dtype, torch.device("cpu")
-        decoder.attention_kernel = cache_dtype is not None
         return decoder
 
     def _layer(self, index: int, layer: Any, linear: LinearFactory, eps: float) -> DecoderLayer:
