@@ -24,7 +24,7 @@ from inference import integer_kernels
 from inference.client import TokenLogprob
 from inference.kv_cache import SlotCache
 from inference.prefix_cache import CachedPrefix, prefill_start
-from inference.quantization import Q8Linear, Q8Rows
+from inference.quantization import Q4Linear, Q8Linear, Q8Rows
 from inference.scoring import prompt_token_logprobs
 
 if TYPE_CHECKING:  # importing it imports transformers' modeling code (~1.5 s, ~120 MB), which a saved decoder skips
@@ -238,6 +238,63 @@ class DecoderLayer(nn.Module):
         return self.mlp(hidden)
 
 
+class Q4DecoderLayer(DecoderLayer):
+    """A DecoderLayer whose four projections are Q4Linear and whose attention is our kernel: its decode step is one
+    C++ call (kernels/decode_layer.cpp), which at batch 1 removes the ~25 small torch ops around the matrix products
+    that took about 40% of the int4 step (docs/benchmarks.md). It takes each row's rotary factors as cos and sin
+    [rows, 2, head dim] instead of a rotation matrix. Prefill is DecoderLayer's."""
+
+    def __init__(self, layer: DecoderLayer) -> None:
+        super().__init__(
+            layer.attention_norm,
+            layer.qkv,
+            layer.out,
+            layer.mlp_norm,
+            layer.gate_up,
+            layer.down,
+            (layer.heads, layer.kv_heads, layer.head_dim),
+            layer.eps,
+            layer.attention,
+        )
+        # the kernel's weights in its order; the same tensors as the projections' (no copy)
+        projections: list[Any] = [layer.qkv, layer.out, layer.gate_up, layer.down]
+        self.weights = [tensor for p in projections for tensor in (p.packed, p.scales, p.lows)]
+
+    @staticmethod
+    def takes(layer: DecoderLayer) -> bool:
+        projections = (layer.qkv, layer.out, layer.gate_up, layer.down)
+        return isinstance(layer.attention, KernelAttention) and all(isinstance(p, Q4Linear) for p in projections)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rotary: torch.Tensor,
+        runs: list[tuple[int, int, int]],
+        row_starts: torch.Tensor,
+        key_buffer: torch.Tensor,
+        value_buffer: torch.Tensor,
+        start: int,
+        end: int,
+    ) -> torch.Tensor:
+        """As DecoderLayer.forward, with `rotary` each row's cos and sin [rows, 2, head dim]."""
+        layer = torch.ops.llm_serving.q4_decode_layer
+        output: torch.Tensor = layer(
+            hidden,
+            rotary,
+            self.attention_norm,
+            self.mlp_norm,
+            self.eps,
+            self.weights,
+            self.heads,
+            self.kv_heads,
+            key_buffer,
+            value_buffer,
+            row_starts,
+            end,
+        )
+        return output
+
+
 class DecodeStep(nn.Module):
     """Every layer of one decode step, from token ids to logits, as one module (one TorchScript call per step)."""
 
@@ -257,6 +314,8 @@ class DecodeStep(nn.Module):
         self.eps = eps
         # whether the step must find the runs of rows of one length: only an attention that takes them needs it
         self.needs_runs = any(layer.attention.needs_runs for layer in layers)
+        # the form of each row's rotary factors the layers take: cos and sin for Q4DecoderLayer, else a matrix
+        self.rotary_pairs = all(isinstance(layer, Q4DecoderLayer) for layer in layers)
         self.embed, self.final_norm, self.lm_head = embed, final_norm, lm_head
         self.cos, self.sin, self.rotation = cos, sin, rotation
 
@@ -270,9 +329,12 @@ class DecodeStep(nn.Module):
         start: int,
         end: int,
     ) -> torch.Tensor:
-        # 1. embeddings, and one rotation matrix per row shared by every layer
+        # 1. embeddings, and each row's rotary factors shared by every layer
         hidden = self.embed(tokens)
-        rotary = torch.diag_embed(self.cos[positions]) + self.rotation * self.sin[positions].unsqueeze(1)
+        if self.rotary_pairs:
+            rotary = torch.stack([self.cos[positions], self.sin[positions]], dim=1)
+        else:
+            rotary = torch.diag_embed(self.cos[positions]) + self.rotation * self.sin[positions].unsqueeze(1)
         # 2. each row's first real column, and runs of consecutive rows with the same left padding (none when no row
         # has any) for an attention that takes the rows a run at a time
         runs: list[tuple[int, int, int]] = []
@@ -338,6 +400,8 @@ class LlamaDecoder:
         # their rows join it); None: float32, as prefilled
         self.cache_dtype = torch.float16 if self.attention_kernel else None
         layers = [self._layer(index, layer, linear, config.rms_norm_eps) for index, layer in enumerate(inner.layers)]
+        if layers and all(Q4DecoderLayer.takes(layer) for layer in layers):
+            layers = [Q4DecoderLayer(layer) for layer in layers]
         lm_head = linear(model.lm_head.weight, None, "lm_head")
         embed: nn.Module
         if isinstance(lm_head, Q8Linear) and lm_head_is_embedding(model):

@@ -48,6 +48,8 @@ TINY = 1e-30
 INT4_GROUP = 32
 # Outputs per AVX2 register in our integer kernels' layout (kernels/integer_linear.cpp).
 KERNEL_VECTOR = 8
+# Vectors of outputs per tile, the unit the kernels' threads split; Q4_1 keeps a tile's vectors side by side.
+KERNEL_TILE = 4
 
 
 def fbgemm_available() -> bool:
@@ -183,6 +185,17 @@ def _steps(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return near, far
 
 
+def _tiled(by_vector: torch.Tensor) -> torch.Tensor:
+    """Per-vector values [out / 8, n, m] in the kernels' tiled order (kernels/integer_linear.cpp: Q4_1's layout), in
+    the same shape: for each tile of KERNEL_TILE vectors (fewer in the last) and each of the n, the tile's vectors
+    side by side."""
+    vectors = by_vector.shape[0]
+    full = vectors - vectors % KERNEL_TILE
+    tiles = by_vector[:full].reshape(-1, KERNEL_TILE, *by_vector.shape[1:]).transpose(1, 2)  # [tiles, n, 4, m]
+    rest = by_vector[full:].transpose(0, 1)  # [n, vectors % KERNEL_TILE, m]
+    return torch.cat([tiles.reshape(-1), rest.reshape(-1)]).reshape(by_vector.shape)
+
+
 def kernel_fits(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Our kernels' shape rules: no bias, outputs a multiple of 8, inputs of the group size."""
     return bias is None and weight.shape[0] % KERNEL_VECTOR == 0 and weight.shape[1] % INT4_GROUP == 0
@@ -200,9 +213,10 @@ class Q4Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         levels, scale, low = int4_groups(weight)
         near, far = _steps(levels.reshape(weight.shape))
-        # byte p holds lane p of both: the first operand in its low nibble, the second in its high one
-        self.packed = (near | (far << 4)).contiguous()
-        self.scales, self.lows = _by_vector(scale), _by_vector(low)
+        # byte p holds lane p of both: the first operand in its low nibble, the second in its high one; tiled, so
+        # that each thread streams its share of the weights in one run
+        self.packed = _tiled(near | (far << 4))
+        self.scales, self.lows = _tiled(_by_vector(scale)), _tiled(_by_vector(low))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

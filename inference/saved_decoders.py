@@ -45,6 +45,7 @@ SHAPING_SOURCES = (
         for name in ("fast_llama.py", "quantization.py", "decoders.py", "integer_kernels.py", "saved_decoders.py")
     ]
     + sorted((PACKAGE / "kernels").glob("*.cpp"))
+    + sorted((PACKAGE / "kernels").glob("*.h"))
     + sorted((PACKAGE / "data").glob("*.txt"))
 )
 STEP_FILE = "step.pt"

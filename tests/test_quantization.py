@@ -166,7 +166,8 @@ def test_our_q4_1_kernel_multiplies_16_bit_rows_by_the_weights_exactly(own_kerne
     """Against the same arithmetic in float64: rows rounded to 16 bits with one scale each, times the weights from
     their levels and float16 scales and low ends (GGUF keeps them in float16)."""
     torch.manual_seed(3)
-    for out_features, in_features in [(96, 64), (40, 64), (960, 576), (576, 1536)]:
+    # 12 vectors of 8 outputs (3 full tiles of 4), then a last tile of 1, 2 and 3 vectors
+    for out_features, in_features in [(96, 64), (40, 64), (48, 32), (56, 64), (960, 576), (576, 1536)]:
         weight = q4_1_weight(out_features, in_features)
         rows = torch.randn(5, in_features) * torch.logspace(-2, 2, in_features)  # outliers, as activations have
         levels, group_scale, low = int4_groups(weight)

@@ -14,6 +14,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -123,6 +125,10 @@ void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tens
   });
 }
 
+}  // namespace
+
+namespace llm_serving {
+
 // query [rows, kv_heads, groups, dim] float32; keys and values: the cache's buffers [capacity rows, kv_heads,
 // capacity columns, dim], float32 or float16; starts [rows] int64: each row's first real column; end: one past the
 // newest column. Returns [rows, kv_heads * groups * dim] float32, heads in the query's order.
@@ -154,9 +160,9 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
   return out;
 }
 
-}  // namespace
+}  // namespace llm_serving
 
 TORCH_LIBRARY_FRAGMENT(llm_serving, m) {
   m.def("decode_attention(Tensor query, Tensor keys, Tensor values, Tensor starts, int end) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(llm_serving, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(llm_serving, CPU, m) { m.impl("decode_attention", &llm_serving::decode_attention); }

@@ -15,12 +15,18 @@
 // Layout: the outputs go in vectors of 8; for each vector and each 4 inputs k..k+3 the two `vpmaddwd` operands for
 // inputs (k, k+1) and (k+2, k+3), 16-bit lane p holding output p/2's level for input k + p%2 (resp. k + 2 + p%2).
 // Q4_1 keeps both in 16 bytes, byte p's low nibble for the first and high nibble for the second (widened, masked,
-// shifted); Q8_0 in 32 bytes, the first operand's 16 then the second's (widened with sign). AVX2 only (no AVX-512,
-// no VNNI): a free Space's CPU.
+// shifted); Q8_0 in 32 bytes, the first operand's 16 then the second's (widened with sign). Q8_0 keeps each vector's
+// steps in a row ([out / 8, in / 4, 32], the scales [out / 8, in / 32, 8]); Q4_1 is tiled: the vectors of a tile
+// (4, the unit threads split; fewer in the last) side by side at each step, [tiles, in / 4, 4, 16], so one tile's
+// step is one 64-byte cache line and a thread reads its tiles as one stream (the scales and low ends likewise,
+// [tiles, in / 32, 4, 8]): at one row the kernel waits on memory, and short streams of each vector alone kept the
+// hardware's prefetchers from running ahead. AVX2 only (no AVX-512, no VNNI): a free Space's CPU.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
+
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -81,6 +87,7 @@ inline __m256 half_vector(const uint16_t* values) {
 struct Q4_1 {
   static constexpr int64_t kStepBytes = 16;
   static constexpr bool kHasLow = true;
+  static constexpr bool kTiled = true;
   static inline void decode(const uint8_t* bytes, __m256i& near, __m256i& far) {
     const __m256i widened = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
     near = _mm256_and_si256(widened, _mm256_set1_epi16(0x0F));
@@ -91,6 +98,7 @@ struct Q4_1 {
 struct Q8_0 {
   static constexpr int64_t kStepBytes = 32;
   static constexpr bool kHasLow = false;
+  static constexpr bool kTiled = false;
   static inline void decode(const uint8_t* bytes, __m256i& near, __m256i& far) {
     near = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
     far = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16)));
@@ -108,6 +116,9 @@ inline __m256i pair_at(const int16_t* x) {  // inputs x[0], x[1] in every 32-bit
 template <typename Format, int ROWS, int VECTORS>
 inline void stream_block(const uint8_t* const* weights, const uint16_t* const* scales, const uint16_t* const* lows,
                          const int16_t* x, const float* group_sums, int64_t k, int64_t groups, float* y, int64_t n) {
+  // a tiled layout keeps a tile's vectors side by side at every step (and group), else each vector's steps in a row
+  constexpr int64_t step_stride = Format::kTiled ? VECTORS * Format::kStepBytes : Format::kStepBytes;
+  constexpr int64_t group_stride = Format::kTiled ? VECTORS * kVector : kVector;
   for (int64_t g = 0; g < groups; ++g) {
     // 1. the group's exact integer products: 8 steps of 4 inputs
     __m256i exact[ROWS][VECTORS];
@@ -122,7 +133,7 @@ inline void stream_block(const uint8_t* const* weights, const uint16_t* const* s
       }
       for (int v = 0; v < VECTORS; ++v) {
         __m256i near, far;
-        Format::decode(weights[v] + (input / 4) * Format::kStepBytes, near, far);
+        Format::decode(weights[v] + (input / 4) * step_stride, near, far);
         for (int r = 0; r < ROWS; ++r) {
           exact[r][v] = _mm256_add_epi32(exact[r][v], _mm256_madd_epi16(pairs[r][0], near));
           exact[r][v] = _mm256_add_epi32(exact[r][v], _mm256_madd_epi16(pairs[r][1], far));
@@ -131,8 +142,8 @@ inline void stream_block(const uint8_t* const* weights, const uint16_t* const* s
     }
     // 2. into the float sums
     for (int v = 0; v < VECTORS; ++v) {
-      const __m256 scale = half_vector(scales[v] + g * kVector);
-      const __m256 low = Format::kHasLow ? half_vector(lows[v] + g * kVector) : _mm256_setzero_ps();
+      const __m256 scale = half_vector(scales[v] + g * group_stride);
+      const __m256 low = Format::kHasLow ? half_vector(lows[v] + g * group_stride) : _mm256_setzero_ps();
       for (int r = 0; r < ROWS; ++r)
         add_group<Format>(exact[r][v], scale, low, group_sums[r * groups + g], y + r * n + v * kVector);
     }
@@ -163,7 +174,7 @@ const uint16_t* half_data(const at::Tensor& values) {
 }
 
 // x [rows, in] float32; packed [out / 8, in / 4, Format::kStepBytes] uint8; scales (and for Q4_1 lows)
-// [out / 8, in / 32, 8] float16.
+// [out / 8, in / 32, 8] float16; for Q4_1 in the tiled order (above) within those shapes.
 template <typename Format>
 at::Tensor integer_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                           const at::Tensor* lows) {
@@ -196,9 +207,12 @@ at::Tensor integer_linear(const at::Tensor& x, const at::Tensor& packed, const a
       const uint16_t* tile_scales[kTile];
       const uint16_t* tile_lows[kTile];
       for (int64_t v = 0; v < count; ++v) {
-        weights[v] = packed_data + (first + v) * (k / 4) * Format::kStepBytes;
-        tile_scales[v] = scale_data + (first + v) * groups * kVector;
-        tile_lows[v] = low_data != nullptr ? low_data + (first + v) * groups * kVector : nullptr;
+        // where vector v's first step and group are: every tile before this one is full
+        const int64_t step_at = Format::kTiled ? first * (k / 4) + v : (first + v) * (k / 4);
+        const int64_t group_at = Format::kTiled ? first * groups + v : (first + v) * groups;
+        weights[v] = packed_data + step_at * Format::kStepBytes;
+        tile_scales[v] = scale_data + group_at * kVector;
+        tile_lows[v] = low_data != nullptr ? low_data + group_at * kVector : nullptr;
       }
       float* out = y_data + first * kVector;
       switch (count) {
@@ -213,22 +227,26 @@ at::Tensor integer_linear(const at::Tensor& x, const at::Tensor& packed, const a
   return y.mul_(at::from_blob(const_cast<float*>(rounded.scales.data()), {rows, 1}, x.options()));
 }
 
-at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                       const at::Tensor& lows) {
-  return integer_linear<Q4_1>(x, packed, scales, &lows);
-}
-
 at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
   return integer_linear<Q8_0>(x, packed, scales, nullptr);
 }
 
 }  // namespace
 
+namespace llm_serving {
+
+at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& lows) {
+  return integer_linear<Q4_1>(x, packed, scales, &lows);
+}
+
+}  // namespace llm_serving
+
 TORCH_LIBRARY(llm_serving, m) {
   m.def("q4_1_linear(Tensor x, Tensor packed, Tensor scales, Tensor lows) -> Tensor");
   m.def("q8_0_linear(Tensor x, Tensor packed, Tensor scales) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llm_serving, CPU, m) {
-  m.impl("q4_1_linear", &q4_1_linear);
+  m.impl("q4_1_linear", &llm_serving::q4_1_linear);
   m.impl("q8_0_linear", &q8_0_linear);
 }
