@@ -4,7 +4,8 @@
 
 Compares transformers' forward in float32 (what the engine used before) with the lean Llama forward in float32,
 float16 weights, int8 and int4 (each as TorchScript, float16 and int8 also eager; the quantized ones, as the server
-runs them, with our attention kernel over a float16 KV cache, and int4 also with torch's attention), each step timed
+runs them, with our attention kernel over a float16 KV cache, int4's layers each in one C++ call; int4 also with
+torch's attention, and with each layer's torch ops as before the one-call layer), each step timed
 in turn (interleaved, so a noisy neighbour slows all alike), medians. Batches of 16 rows run twice: every prompt of
 one length (no padding), and ragged (16 lengths, as a server's rows are, each row attending over its own keys).
 Also measures this machine's memory bandwidth and, from the bytes each format reads per step, the weight-read bound:
@@ -94,9 +95,13 @@ def main() -> int:
     absmax = input_absmax(model, torch.tensor([tokenizer(calibration)["input_ids"][:512]]), names)
     kernel = integer_kernels.load() is None  # the server's choice: our attention kernel where it builds
 
-    def lean(fmt: QuantizedFormat, compiled: bool = True, attention_kernel: bool = kernel) -> LlamaDecoder:
+    def lean(
+        fmt: QuantizedFormat, compiled: bool = True, attention_kernel: bool = kernel, one_call: bool = True
+    ) -> LlamaDecoder:
         make = _factory(fmt, absmax)
-        return LlamaDecoder(model, make, torch.float16, compiled=compiled, attention_kernel=attention_kernel)
+        return LlamaDecoder(
+            model, make, torch.float16, compiled=compiled, attention_kernel=attention_kernel, one_call_layers=one_call
+        )
 
     decoders: dict[str, Decoder] = {
         "transformers float32": TransformersDecoder(model),
@@ -106,6 +111,7 @@ def main() -> int:
         "lean int8 eager": lean("int8", compiled=False),
         "lean int8": lean("int8"),
         "lean int4, torch's attention": lean("int4", attention_kernel=False),
+        "lean int4, layers of torch ops": lean("int4", one_call=False),
         "lean int4": lean("int4"),
     }
     bandwidth = memory_bandwidth_gb_s()

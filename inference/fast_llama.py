@@ -379,7 +379,9 @@ class LlamaDecoder:
     It copies what it needs, so the transformers model may be dropped once it is built. `compiled` runs the layers
     as TorchScript (the default); eager mode computes the same and is kept for comparison and debugging.
     `attention_kernel` decodes with our attention kernel (KernelAttention) over a float16 KV cache, half the memory of
-    float32's, where it loads (integer_kernels.load()) and takes the head size; else RunsAttention and float32."""
+    float32's, where it loads (integer_kernels.load()) and takes the head size; else RunsAttention and float32.
+    `one_call_layers`: where every layer is int4 on our kernels (Q4Linear, KernelAttention), each decodes in one C++
+    call (Q4DecoderLayer); False keeps DecoderLayer's torch ops, for comparison."""
 
     def __init__(
         self,
@@ -388,6 +390,7 @@ class LlamaDecoder:
         embedding_dtype: torch.dtype | None = None,
         compiled: bool = True,
         attention_kernel: bool = False,
+        one_call_layers: bool = True,
     ) -> None:
         config: Any = model.config
         inner: Any = model.model
@@ -400,7 +403,7 @@ class LlamaDecoder:
         # their rows join it); None: float32, as prefilled
         self.cache_dtype = torch.float16 if self.attention_kernel else None
         layers = [self._layer(index, layer, linear, config.rms_norm_eps) for index, layer in enumerate(inner.layers)]
-        if layers and all(Q4DecoderLayer.takes(layer) for layer in layers):
+        if one_call_layers and layers and all(Q4DecoderLayer.takes(layer) for layer in layers):
             layers = [Q4DecoderLayer(layer) for layer in layers]
         lm_head = linear(model.lm_head.weight, None, "lm_head")
         embed: nn.Module

@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from inference import fast_llama
 from inference.fast_llama import LlamaDecoder
 from inference.quantization import Float16Linear, Q4Linear
 from tests.test_fast_llama import assert_groups_decode_as_alone, decode_groups
@@ -24,8 +23,14 @@ def llama(tiny_llama_dir: Path) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
 
 
-def q4_decoder(llama: PreTrainedModel, compiled: bool = True) -> LlamaDecoder:
-    return LlamaDecoder(llama, lambda weight, bias, name: Q4Linear(weight), compiled=compiled, attention_kernel=True)
+def q4_decoder(llama: PreTrainedModel, compiled: bool = True, one_call_layers: bool = True) -> LlamaDecoder:
+    return LlamaDecoder(
+        llama,
+        lambda weight, bias, name: Q4Linear(weight),
+        compiled=compiled,
+        attention_kernel=True,
+        one_call_layers=one_call_layers,
+    )
 
 
 def layer_kind(decoder: LlamaDecoder) -> str:
@@ -42,12 +47,9 @@ def test_int4_layers_with_our_attention_decode_in_one_call_bit_for_bit_alone_and
     assert_groups_decode_as_alone(decoder, GROUPS)
 
 
-def test_the_one_call_computes_what_the_layer_of_torch_ops_does(
-    llama: PreTrainedModel, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_one_call_computes_what_the_layer_of_torch_ops_does(llama: PreTrainedModel) -> None:
     fused = decode_groups(q4_decoder(llama), GROUPS, steps=6)
-    monkeypatch.setattr(fast_llama.Q4DecoderLayer, "takes", staticmethod(lambda layer: False))
-    torch_ops = q4_decoder(llama)
+    torch_ops = q4_decoder(llama, one_call_layers=False)
     assert layer_kind(torch_ops) == "DecoderLayer"
     for ours, theirs in zip(fused, decode_groups(torch_ops, GROUPS, steps=6), strict=True):
         # the same weights and kernels; only the float order of norms, rotary and sums differs in the last bits,
