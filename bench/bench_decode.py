@@ -5,9 +5,9 @@
 Compares transformers' forward in float32 (what the engine used before) with the lean Llama forward in float32,
 float16 weights, int8 and int4 (each as TorchScript, float16 and int8 also eager; the quantized ones, as the server
 runs them, with our attention kernel over a float16 KV cache, int4's layers each in one C++ call; int4 also with
-torch's attention, and with each layer's torch ops as before the one-call layer), each step timed
-in turn (interleaved, so a noisy neighbour slows all alike), medians. Batches of 16 rows run twice: every prompt of
-one length (no padding), and ragged (16 lengths, as a server's rows are, each row attending over its own keys).
+torch's attention, and with each layer's torch ops as before the one-call layer), in rounds of a few steps of each
+(so a noisy neighbour slows all alike), medians. Batches of 16 rows run twice: every prompt of one length (no
+padding), and ragged (16 lengths, as a server's rows are, each row attending over its own keys).
 Also measures this machine's memory bandwidth and, from the bytes each format reads per step, the weight-read bound:
 batch-1 decoding cannot be faster than reading every weight once.
 """
@@ -36,6 +36,9 @@ from inference.fast_llama import LlamaDecoder  # noqa: E402
 from inference.quantization import QuantizedFormat, input_absmax  # noqa: E402
 
 PROMPT_TOKENS = 64
+# Steps each decoder runs back to back in a round, as a server runs one decoder (after one untimed step); rounds
+# rotate over the decoders, so a noisy neighbour slows all alike.
+BLOCK = 4
 
 
 def weight_bytes(decoder: Decoder) -> int:
@@ -114,26 +117,33 @@ def main() -> int:
         "lean int4, layers of torch ops": lean("int4", one_call=False),
         "lean int4": lean("int4"),
     }
-    bandwidth = memory_bandwidth_gb_s()
-    results: dict[str, Any] = {"cpu": cpu_description(), "threads": threads, "bandwidth_gb_s": bandwidth, "rows": {}}
+    results: dict[str, Any] = {"cpu": cpu_description(), "threads": threads, "rows": {}}
+    bandwidths: list[float] = []
     for rows, ragged in ((1, False), (16, False), (16, True)):
         label = f"{rows} ragged" if ragged else str(rows)
         batches = {name: start_batch(decoder, rows, ragged) for name, decoder in decoders.items()}
         times: dict[str, list[float]] = {name: [] for name in decoders}
-        for _ in range(args.steps):
+        for _ in range(args.steps // BLOCK):
+            if rows == 1:  # the bandwidth of the same moments as the batch-1 steps it bounds (the host's varies)
+                bandwidths.append(memory_bandwidth_gb_s(repeats=1))
             for name, decoder in decoders.items():
                 batch = batches[name]
-                started = time.perf_counter()
-                logits = batch.step(decoder)
-                batch.next_tokens = logits.argmax(-1, keepdim=True)
-                times[name].append(time.perf_counter() - started)
-        results["rows"][label] = {name: round(statistics.median(t[3:]) * 1000, 2) for name, t in times.items()}
+                for step in range(BLOCK + 1):
+                    started = time.perf_counter()
+                    logits = batch.step(decoder)
+                    batch.next_tokens = logits.argmax(-1, keepdim=True)
+                    if step:  # the first of a block follows another decoder's steps: untimed
+                        times[name].append(time.perf_counter() - started)
+        results["rows"][label] = {name: round(statistics.median(t) * 1000, 2) for name, t in times.items()}
         print(json.dumps({"rows": label, "ms_per_step": results["rows"][label]}), flush=True)
+    bandwidth = results["bandwidth_gb_s"] = statistics.median(bandwidths)
     lines = [
         "## The decode step alone (`bench/bench_decode.py`)",
         "",
-        f"On {results['cpu']}, torch threads {threads}, memory read bandwidth {bandwidth:.1f} GB/s: milliseconds per",
-        f"decode step (medians of {args.steps}, interleaved), default model, {PROMPT_TOKENS}-token prompts (ragged:",
+        f"On {results['cpu']}, torch threads {threads}, memory read bandwidth {bandwidth:.1f} GB/s (median of its",
+        "measurements between the batch-1 rounds): milliseconds per decode step (medians of "
+        f"{args.steps // BLOCK * BLOCK}: rounds of {BLOCK} steps of each decoder back to back after an untimed one),",
+        f"default model, {PROMPT_TOKENS}-token prompts (ragged:",
         f"{PROMPT_TOKENS} + 4 x row tokens, a padded batch). The bound is the time to read every weight once at that",
         "bandwidth: batch-1 decoding can't be faster. The quantized formats decode with our attention kernel over a",
         "float16 KV cache where it builds (as the server does); float32 with torch's.",
