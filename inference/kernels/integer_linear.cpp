@@ -29,6 +29,7 @@
 #include "kernels.h"
 
 #include <algorithm>
+#include <iterator>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -39,6 +40,7 @@ namespace {
 constexpr int64_t kVector = 8;   // outputs per vector (one AVX2 register of int32 / float)
 constexpr int64_t kGroup = 32;   // inputs per group
 constexpr float kLevels = 32767.0f;
+constexpr int64_t kRowsPerThread = 32;  // rows to round before a second thread is worth waking
 
 // Rows [rows, k] rounded to int16 with one scale per row; each group's sum of the rounded values (as float).
 struct RoundedRows {
@@ -47,26 +49,52 @@ struct RoundedRows {
   std::vector<float> scales;
 };
 
+// The largest |value| of a row; a NaN is passed over, as std::max(largest, NaN) passes it over.
+float largest_magnitude(const float* row, int64_t k) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 largest = _mm256_setzero_ps();
+  // max_ps returns its second operand where either is NaN: the running maximum
+  for (int64_t i = 0; i < k; i += kVector)
+    largest = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(row + i)), largest);
+  alignas(32) float lanes[kVector];
+  _mm256_store_ps(lanes, largest);
+  return *std::max_element(lanes, lanes + kVector);
+}
+
+// One row rounded onto -32767..32767 by `inverse` (as std::nearbyint rounds: to nearest, ties to even), and each
+// group's sum of its levels.
+void round_row(const float* row, int64_t k, float inverse, int16_t* values, float* group_sums) {
+  const __m256 scale = _mm256_set1_ps(inverse), low = _mm256_set1_ps(-kLevels), high = _mm256_set1_ps(kLevels);
+  for (int64_t g = 0; g < k / kGroup; ++g) {
+    __m256i sum = _mm256_setzero_si256();
+    for (int64_t i = g * kGroup; i < (g + 1) * kGroup; i += kVector) {
+      const __m256 clamped = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(row + i), scale), low), high);
+      const __m256i levels = _mm256_cvtps_epi32(clamped);  // the default rounding: to nearest, ties to even
+      sum = _mm256_add_epi32(sum, levels);
+      const __m128i narrow = _mm_packs_epi32(_mm256_castsi256_si128(levels), _mm256_extracti128_si256(levels, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(values + i), narrow);
+    }
+    alignas(32) int32_t lanes[kVector];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), sum);
+    int32_t total = 0;
+    for (int32_t lane : lanes) total += lane;
+    group_sums[g] = static_cast<float>(total);
+  }
+}
+
 RoundedRows round_rows(const float* x, int64_t rows, int64_t k) {
   const int64_t groups = k / kGroup;
   RoundedRows out{std::vector<int16_t>(rows * k), std::vector<float>(rows * groups), std::vector<float>(rows)};
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = x + r * k;
-    float largest = 0.0f;
-    for (int64_t i = 0; i < k; ++i) largest = std::max(largest, std::fabs(row[i]));
-    const float scale = largest > 0.0f ? largest / kLevels : 1.0f;
-    const float inverse = 1.0f / scale;
-    out.scales[r] = scale;
-    for (int64_t g = 0; g < groups; ++g) {
-      int32_t sum = 0;
-      for (int64_t i = g * kGroup; i < (g + 1) * kGroup; ++i) {
-        const int32_t level = static_cast<int32_t>(std::nearbyint(std::clamp(row[i] * inverse, -kLevels, kLevels)));
-        out.values[r * k + i] = static_cast<int16_t>(level);
-        sum += level;
-      }
-      out.group_sums[r * groups + g] = static_cast<float>(sum);
+  // rows are independent; a prefill's hundreds of them split across threads, a decode step's few stay on one
+  at::parallel_for(0, rows, kRowsPerThread, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = x + r * k;
+      const float largest = largest_magnitude(row, k);
+      const float scale = largest > 0.0f ? largest / kLevels : 1.0f;
+      out.scales[r] = scale;
+      round_row(row, k, 1.0f / scale, out.values.data() + r * k, out.group_sums.data() + r * groups);
     }
-  }
+  });
   return out;
 }
 
