@@ -82,5 +82,7 @@ def test_bad_arguments_raise_instead_of_writing_outside_the_cache(llama: PreTrai
         layer(hidden, rotary, [], starts, keys, keys.clone(), 0, 8)  # one past the last column
     with pytest.raises(RuntimeError, match="rotary"):
         layer(hidden, rotary[:, :1], [], starts, keys, keys.clone(), 0, 3)
+    with pytest.raises(RuntimeError, match="one shape"):
+        layer(hidden, rotary, [], starts, keys, keys[:1].clone(), 0, 3)  # a values buffer with fewer rows
     with pytest.raises(RuntimeError, match="rows"):
         layer(torch.randn(3, 64), torch.randn(3, 2, 16), [], torch.tensor([0, 0, 0]), keys, keys.clone(), 0, 3)

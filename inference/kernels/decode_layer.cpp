@@ -111,8 +111,13 @@ at::Tensor q4_decode_layer(const at::Tensor& hidden, const at::Tensor& rotary, c
   TORCH_CHECK(rotary.dim() == 3 && rotary.size(0) == rows && rotary.size(1) == 2 && rotary.size(2) == dim &&
                   rotary.scalar_type() == at::kFloat && rotary.is_contiguous(),
               "rotary must be contiguous float32 [rows, 2, head dim]");
+  // checked before this step's keys and values are written into them
   TORCH_CHECK(keys.dim() == 4 && keys.size(0) >= rows && keys.size(1) == kv_heads && end >= 0 && end < keys.size(2),
               "the cache's buffers do not hold these rows, heads or column");
+  TORCH_CHECK(values.sizes() == keys.sizes() && values.scalar_type() == keys.scalar_type() && keys.is_contiguous() &&
+                  values.is_contiguous(),
+              "keys and values must be contiguous buffers of one shape and dtype");
+  TORCH_CHECK(keys.scalar_type() == at::kHalf || keys.scalar_type() == at::kFloat, "keys must be float16 or float32");
   TORCH_CHECK(attention_norm.is_contiguous() && mlp_norm.is_contiguous() &&
                   attention_norm.numel() == hidden.size(1) && mlp_norm.numel() == hidden.size(1),
               "the norms' weights must be contiguous [width]");

@@ -26,14 +26,13 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
-#include "kernels.h"
-
 #include <algorithm>
-#include <iterator>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "kernels.h"
 
 namespace {
 
