@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     lean_forward: bool = True
     # Keep the built decoder (packed weights, compiled step) in MODEL_CACHE_DIR/decoders, so later starts of a local
     # model skip transformers' loading, packing and compiling: ~2-3 s of a 2-vCPU start, and ~50 MB less memory
-    # (inference/saved_decoders.py). ~160 MB of disk for the default int4 SmolLM2.
+    # (inference/saved_decoders.py). ~100 MB of disk for the default int4 SmolLM2.
     save_built_decoder: bool = True
     # torch intra-op threads; 0 means one per core. Measured on 2 cores: see docs/benchmarks.md.
     torch_threads: int = Field(default=0, ge=0, le=256)
