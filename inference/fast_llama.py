@@ -473,18 +473,6 @@ class LlamaDecoder:
         lm_head: nn.Module = step.lm_head
         return lm_head
 
-    def kernel_weights(self) -> list[torch.Tensor]:
-        """The tensors our kernels stream every step: the int4 projections' packed weights, scales and low ends, and
-        the 8-bit head's (and its rows', where it serves as the embedding table); none for other formats."""
-        step: Any = self.step
-        modules = [getattr(layer, name) for layer in self.layers for name in ("qkv", "out", "gate_up", "down")]
-        modules += [step.lm_head, step.embed]
-        kinds = ("Q4Linear", "Q8Linear", "Q8Rows")
-        # by the original class name: a module read back by torch.jit.load is a RecursiveScriptModule
-        held = [module for module in modules if getattr(module, "original_name", type(module).__name__) in kinds]
-        names = ("packed", "scales", "lows")
-        return [getattr(module, name) for module in held for name in names if hasattr(module, name)]
-
     # ----- prefill: prompts of one length, a fresh cache ---------------------------------------------------------
 
     def _prompt_forward(self, input_ids: torch.Tensor, cache: DynamicCache, offset: int = 0) -> torch.Tensor:

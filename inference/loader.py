@@ -30,8 +30,6 @@ from transformers import (
 
 from inference.decoders import Decoder, WeightChoice, build_decoder
 from inference.errors import ModelNotFoundError
-from inference.fast_llama import LlamaDecoder
-from inference.huge_pages import move_to_huge_pages
 from inference.saved_decoders import SavedDecoder
 from inference.settings import DEFAULT_MODEL_ID, Settings
 
@@ -262,12 +260,6 @@ def load_model(settings: Settings) -> LoadedModel:
         )
         if saved is not None:
             saved.save(decoder, weights, parameters)
-    if isinstance(decoder, LlamaDecoder):
-        moving = time.perf_counter()
-        moved = move_to_huge_pages(decoder.kernel_weights())
-        if moved:
-            seconds_moving = time.perf_counter() - moving
-            logger.info("Our kernels' weights (%.0f MB) moved onto huge pages in %.2f s", moved / 1e6, seconds_moving)
     seconds = time.perf_counter() - started
     if settings.dtype == "auto" and device.type == "cpu" and cpu_has_bf16_matrix_units():
         logger.info(
