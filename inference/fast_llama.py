@@ -240,8 +240,8 @@ class DecoderLayer(nn.Module):
 
 class Q4DecoderLayer(DecoderLayer):
     """A DecoderLayer whose four projections are Q4Linear and whose attention is our kernel: its decode step is one
-    C++ call (kernels/decode_layer.cpp) instead of the ~25 small torch ops around the matrix products, each a trip
-    through TorchScript's interpreter and torch's dispatcher: 1.2x faster at batch 1 (docs/benchmarks.md). It takes
+    C++ call (kernels/decode_layer.cpp), one parallel region, instead of the ~25 small torch ops around the matrix
+    products, each a trip through TorchScript's interpreter and torch's dispatcher (docs/benchmarks.md). It takes
     each row's rotary factors as cos and sin [rows, 2, head dim] instead of a rotation matrix. Prefill is
     DecoderLayer's."""
 

@@ -65,6 +65,32 @@ def test_torchscript_and_eager_give_the_same_bits(llama: PreTrainedModel) -> Non
         assert torch.equal(one, other)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_rows_bits_do_not_depend_on_how_many_threads_split_the_layer(llama: PreTrainedModel, threads: int) -> None:
+    """The layer is one parallel region that splits rows, tiles and heads by the thread count (TORCH_THREADS)."""
+    decoder = q4_decoder(llama)
+    usual = decode_groups(decoder, GROUPS, steps=4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        other = decode_groups(decoder, GROUPS, steps=4)
+    finally:
+        torch.set_num_threads(before)
+    for one, another in zip(usual, other, strict=True):
+        assert torch.equal(one, another)
+
+
+def test_bad_starts_and_mismatched_weights_raise_before_any_thread_starts(llama: PreTrainedModel) -> None:
+    layer = q4_decoder(llama, compiled=False).layers[0]
+    hidden, rotary = torch.randn(2, 64), torch.randn(2, 2, 16)
+    keys = torch.zeros(2, 2, 8, 16, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="start"):
+        layer(hidden, rotary, [], torch.tensor([0, 5]), keys, keys.clone(), 0, 3)  # a row starting after the column
+    layer.weights = layer.weights[3:6] + layer.weights[0:3] + layer.weights[6:]  # q/k/v and output swapped
+    with pytest.raises(RuntimeError, match="projection"):
+        layer(hidden, rotary, [], torch.tensor([0, 0]), keys, keys.clone(), 0, 3)
+
+
 def test_layers_other_than_int4_keep_the_layer_of_torch_ops(llama: PreTrainedModel) -> None:
     decoder = LlamaDecoder(
         llama, lambda weight, bias, name: Float16Linear(weight, bias), compiled=False, attention_kernel=True

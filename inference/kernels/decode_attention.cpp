@@ -103,31 +103,35 @@ void attend(const float* query, const T* keys, const T* values, int64_t columns,
   }
 }
 
+// Tasks [begin, stop) (task: one row's one key/value head) of query [rows, kv_heads, groups, dim] into out.
 template <typename T>
-void attend_rows(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values, const int64_t* starts,
-                 int64_t end, at::Tensor& out) {
-  const int64_t rows = query.size(0), kv_heads = query.size(1), groups = query.size(2), dim = query.size(3);
-  const int64_t capacity = keys.size(2);
-  const float* query_data = query.data_ptr<float>();
+void attend_tasks(const float* query, const at::Tensor& keys, const at::Tensor& values, const int64_t* starts,
+                  int64_t groups, int64_t end, int64_t begin, int64_t stop, float* out) {
+  const int64_t kv_heads = keys.size(1), capacity = keys.size(2), dim = keys.size(3);
   const T* key_data = keys.data_ptr<T>();
   const T* value_data = values.data_ptr<T>();
-  float* out_data = out.data_ptr<float>();
-  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<float> scores;
-    for (int64_t task = begin; task < stop; ++task) {
-      const int64_t row = task / kv_heads, head = task % kv_heads, first = starts[row];
-      scores.resize(end - first);
-      const int64_t offset = ((row * kv_heads + head) * capacity + first) * dim;
-      const int64_t at = (row * kv_heads + head) * groups * dim;
-      attend(query_data + at, key_data + offset, value_data + offset, end - first, groups, dim, scores.data(),
-             out_data + at);
-    }
-  });
+  std::vector<float> scores;
+  for (int64_t task = begin; task < stop; ++task) {
+    const int64_t row = task / kv_heads, head = task % kv_heads, first = starts[row];
+    scores.resize(end - first);
+    const int64_t offset = ((row * kv_heads + head) * capacity + first) * dim;
+    const int64_t at = (row * kv_heads + head) * groups * dim;
+    attend(query + at, key_data + offset, value_data + offset, end - first, groups, dim, scores.data(), out + at);
+  }
 }
 
 }  // namespace
 
 namespace llm_serving {
+
+void attention_tasks(const float* query, const at::Tensor& keys, const at::Tensor& values, const int64_t* starts,
+                     int64_t groups, int64_t end, int64_t begin, int64_t stop, float* out) {
+  if (keys.scalar_type() == at::kHalf) {
+    attend_tasks<at::Half>(query, keys, values, starts, groups, end, begin, stop, out);
+  } else {
+    attend_tasks<float>(query, keys, values, starts, groups, end, begin, stop, out);
+  }
+}
 
 // query [rows, kv_heads, groups, dim] float32; keys and values: the cache's buffers [capacity rows, kv_heads,
 // capacity columns, dim], float32 or float16; starts [rows] int64: each row's first real column; end: one past the
@@ -152,11 +156,12 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
     TORCH_CHECK(start_data[row] >= 0 && start_data[row] < end, "a row's start must be before end");
   }
   at::Tensor out = at::empty({rows, query.size(1) * query.size(2) * dim}, query.options());
-  if (keys.scalar_type() == at::kHalf) {
-    attend_rows<at::Half>(query_c, keys, values, start_data, end, out);
-  } else {
-    attend_rows<float>(query_c, keys, values, start_data, end, out);
-  }
+  const float* query_data = query_c.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  const int64_t groups = query.size(2);
+  at::parallel_for(0, rows * query.size(1), 1, [&](int64_t begin, int64_t stop) {
+    attention_tasks(query_data, keys, values, start_data, groups, end, begin, stop, out_data);
+  });
   return out;
 }
 

@@ -37,16 +37,11 @@
 namespace {
 
 constexpr int64_t kVector = 8;   // outputs per vector (one AVX2 register of int32 / float)
-constexpr int64_t kGroup = 32;   // inputs per group
+constexpr int64_t kGroup = 32;   // inputs per group (RoundedRows sizes its group sums for it)
 constexpr float kLevels = 32767.0f;
 constexpr int64_t kRowsPerThread = 32;  // rows to round before a second thread is worth waking
 
-// Rows [rows, k] rounded to int16 with one scale per row; each group's sum of the rounded values (as float).
-struct RoundedRows {
-  std::vector<int16_t> values;
-  std::vector<float> group_sums;
-  std::vector<float> scales;
-};
+using llm_serving::RoundedRows;
 
 // The largest |value| of a row; a NaN is passed over, as std::max(largest, NaN) passes it over.
 float largest_magnitude(const float* row, int64_t k) {
@@ -81,18 +76,21 @@ void round_row(const float* row, int64_t k, float inverse, int16_t* values, floa
   }
 }
 
-RoundedRows round_rows(const float* x, int64_t rows, int64_t k) {
+// Row r of x rounded into `out` (sized for its rows).
+void round_one_row(const float* x, int64_t r, int64_t k, RoundedRows& out) {
   const int64_t groups = k / kGroup;
-  RoundedRows out{std::vector<int16_t>(rows * k), std::vector<float>(rows * groups), std::vector<float>(rows)};
+  const float* row = x + r * k;
+  const float largest = largest_magnitude(row, k);
+  const float scale = largest > 0.0f ? largest / kLevels : 1.0f;
+  out.scales[r] = scale;
+  round_row(row, k, 1.0f / scale, out.values.data() + r * k, out.group_sums.data() + r * groups);
+}
+
+RoundedRows round_rows(const float* x, int64_t rows, int64_t k) {
+  RoundedRows out(rows, k);
   // rows are independent; a prefill's hundreds of them split across threads, a decode step's few stay on one
   at::parallel_for(0, rows, kRowsPerThread, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = x + r * k;
-      const float largest = largest_magnitude(row, k);
-      const float scale = largest > 0.0f ? largest / kLevels : 1.0f;
-      out.scales[r] = scale;
-      round_row(row, k, 1.0f / scale, out.values.data() + r * k, out.group_sums.data() + r * groups);
-    }
+    for (int64_t r = begin; r < end; ++r) round_one_row(x, r, k, out);
   });
   return out;
 }
@@ -181,6 +179,7 @@ inline void stream_block(const uint8_t* const* weights, const uint16_t* const* s
 // applying it to 4 rows x 3 vectors at a time measured 1.1x slower at 16 and 64 rows than this, and 8 vectors for a
 // lone row 1.09x slower at one row.
 constexpr int64_t kTile = 4;
+static_assert(kTile * kVector == llm_serving::kTileOutputs);
 
 template <typename Format, int VECTORS>
 void stream_tile(const uint8_t* const* weights, const uint16_t* const* scales, const uint16_t* const* lows,
@@ -200,58 +199,76 @@ const uint16_t* half_data(const at::Tensor& values) {
   return reinterpret_cast<const uint16_t*>(values.data_ptr<at::Half>());
 }
 
-// x [rows, in] float32; packed [out / 8, in / 4, Format::kStepBytes] uint8; scales (and for Q4_1 lows)
-// [out / 8, in / 32, 8] float16; for Q4_1 in the tiled order (above) within those shapes.
+using llm_serving::Matrix;
+
+// Tiles [begin, end) of y = x W^T, complete: each tile's columns of every row start at zero, gather every group's
+// share and end times their row's scale (one multiply per output, as for every batch and split).
 template <typename Format>
-at::Tensor integer_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                          const at::Tensor* lows) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [rows, in]");
-  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == Format::kStepBytes,
-              "packed must be uint8 [out / 8, in / 4, ", Format::kStepBytes, "]");
-  const int64_t rows = x.size(0), k = x.size(1), vectors = packed.size(0);
-  TORCH_CHECK(k % kGroup == 0 && packed.size(1) * 4 == k, "x has ", k, " inputs; the weights take ",
-              packed.size(1) * 4);
-  const int64_t n = vectors * kVector, groups = k / kGroup;
+void run_tiles(const Matrix& matrix, const RoundedRows& rounded, int64_t rows, int64_t begin, int64_t end, float* y) {
+  const int64_t k = matrix.inputs, vectors = matrix.vectors, groups = k / kGroup, n = vectors * kVector;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t first = t * kTile, count = std::min(kTile, vectors - first);
+    const uint8_t* weights[kTile];
+    const uint16_t* tile_scales[kTile];
+    const uint16_t* tile_lows[kTile];
+    for (int64_t v = 0; v < count; ++v) {
+      // where vector v's first step and group are: every tile before this one is full
+      const int64_t step_at = Format::kTiled ? first * (k / 4) + v : (first + v) * (k / 4);
+      const int64_t group_at = Format::kTiled ? first * groups + v : (first + v) * groups;
+      weights[v] = matrix.packed + step_at * Format::kStepBytes;
+      tile_scales[v] = matrix.scales + group_at * kVector;
+      tile_lows[v] = matrix.lows != nullptr ? matrix.lows + group_at * kVector : nullptr;
+    }
+    float* out = y + first * kVector;
+    const int64_t width = count * kVector;
+    for (int64_t r = 0; r < rows; ++r) std::fill_n(out + r * n, width, 0.0f);
+    switch (count) {
+      case 4: stream_tile<Format, 4>(weights, tile_scales, tile_lows, rounded, rows, k, out, n); break;
+      case 3: stream_tile<Format, 3>(weights, tile_scales, tile_lows, rounded, rows, k, out, n); break;
+      case 2: stream_tile<Format, 2>(weights, tile_scales, tile_lows, rounded, rows, k, out, n); break;
+      default: stream_tile<Format, 1>(weights, tile_scales, tile_lows, rounded, rows, k, out, n); break;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float scale = rounded.scales[r];
+      for (int64_t i = 0; i < width; ++i) out[r * n + i] *= scale;
+    }
+  }
+}
+
+// packed [out / 8, in / 4, Format::kStepBytes] uint8; scales (and for Q4_1 lows) [out / 8, in / 32, 8] float16; for
+// Q4_1 in the tiled order (above) within those shapes. Checked here, before any kernel reads them.
+template <typename Format>
+Matrix checked_matrix(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor* lows) {
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == Format::kStepBytes &&
+                  packed.is_contiguous(),
+              "packed must be contiguous uint8 [out / 8, in / 4, ", Format::kStepBytes, "]");
+  const int64_t k = packed.size(1) * 4, vectors = packed.size(0);
+  TORCH_CHECK(k % kGroup == 0, "the weights' inputs must be a multiple of ", kGroup);
   for (const at::Tensor* t : {&scales, lows}) {
     if (t == nullptr) continue;
     TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous(), "scales must be contiguous float16");
-    TORCH_CHECK(t->numel() == vectors * groups * kVector, "scales must be [out / 8, in / 32, 8]");
+    TORCH_CHECK(t->numel() == vectors * (k / kGroup) * kVector, "scales must be [out / 8, in / 32, 8]");
   }
-  TORCH_CHECK(packed.is_contiguous(), "packed weights must be contiguous");
+  return Matrix{packed.data_ptr<uint8_t>(), half_data(scales), lows != nullptr ? half_data(*lows) : nullptr, k,
+                vectors};
+}
+
+// x [rows, in] float32 times the weights (checked_matrix).
+template <typename Format>
+at::Tensor integer_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                          const at::Tensor* lows) {
+  const Matrix matrix = checked_matrix<Format>(packed, scales, lows);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [rows, in]");
+  const int64_t rows = x.size(0), k = x.size(1);
+  TORCH_CHECK(k == matrix.inputs, "x has ", k, " inputs; the weights take ", matrix.inputs);
   const at::Tensor xc = x.contiguous();
   const RoundedRows rounded = round_rows(xc.data_ptr<float>(), rows, k);
-  // the float sums start at zero and gather every group's share in `y`
-  at::Tensor y = at::zeros({rows, n}, x.options());
-  const uint8_t* packed_data = packed.data_ptr<uint8_t>();
-  const uint16_t* scale_data = half_data(scales);
-  const uint16_t* low_data = lows != nullptr ? half_data(*lows) : nullptr;
+  at::Tensor y = at::empty({rows, matrix.outputs()}, x.options());
   float* y_data = y.data_ptr<float>();
-  const int64_t tiles = (vectors + kTile - 1) / kTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t first = t * kTile, count = std::min(kTile, vectors - first);
-      const uint8_t* weights[kTile];
-      const uint16_t* tile_scales[kTile];
-      const uint16_t* tile_lows[kTile];
-      for (int64_t v = 0; v < count; ++v) {
-        // where vector v's first step and group are: every tile before this one is full
-        const int64_t step_at = Format::kTiled ? first * (k / 4) + v : (first + v) * (k / 4);
-        const int64_t group_at = Format::kTiled ? first * groups + v : (first + v) * groups;
-        weights[v] = packed_data + step_at * Format::kStepBytes;
-        tile_scales[v] = scale_data + group_at * kVector;
-        tile_lows[v] = low_data != nullptr ? low_data + group_at * kVector : nullptr;
-      }
-      float* out = y_data + first * kVector;
-      switch (count) {
-        case 4: stream_tile<Format, 4>(weights, tile_scales, tile_lows, rounded, rows, k, out, n); break;
-        case 3: stream_tile<Format, 3>(weights, tile_scales, tile_lows, rounded, rows, k, out, n); break;
-        case 2: stream_tile<Format, 2>(weights, tile_scales, tile_lows, rounded, rows, k, out, n); break;
-        default: stream_tile<Format, 1>(weights, tile_scales, tile_lows, rounded, rows, k, out, n); break;
-      }
-    }
+  at::parallel_for(0, matrix.tiles(), 1, [&](int64_t begin, int64_t end) {
+    run_tiles<Format>(matrix, rounded, rows, begin, end, y_data);
   });
-  // the row scale last, one multiply per output, as for every batch
-  return y.mul_(at::from_blob(const_cast<float*>(rounded.scales.data()), {rows, 1}, x.options()));
+  return y;
 }
 
 at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
@@ -261,6 +278,16 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 }  // namespace
 
 namespace llm_serving {
+
+Matrix q4_1_matrix(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& lows) {
+  return checked_matrix<Q4_1>(packed, scales, &lows);
+}
+
+void round_row_into(const float* x, int64_t r, int64_t k, RoundedRows& out) { round_one_row(x, r, k, out); }
+
+void q4_1_tiles(const Matrix& matrix, const RoundedRows& rounded, int64_t rows, int64_t begin, int64_t end, float* y) {
+  run_tiles<Q4_1>(matrix, rounded, rows, begin, end, y);
+}
 
 at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& lows) {
