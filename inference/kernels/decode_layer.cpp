@@ -28,12 +28,11 @@
 #include <cmath>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 #include "kernels.h"
 
 namespace {
-
-constexpr int64_t kMaxHeadDim = 256;  // the largest head a row's rotated key is kept for on the stack
 
 // The sum of squares of a row, in eight running sums (one per lane) added in a fixed order at the end.
 float sum_of_squares(const float* x, int64_t width) {
@@ -104,14 +103,13 @@ inline void store(const float* from, int64_t count, T* to) {
 }
 
 // Row r's queries and keys rotated; its queries go to `query` [rows, heads * dim], its keys and values to column
-// `end` of the cache's buffers [capacity rows, kv_heads, capacity columns, dim].
+// `end` of the cache's buffers [capacity rows, kv_heads, capacity columns, dim]; `key`: room for one head.
 template <typename T>
 void place_row(const float* qkv, int64_t r, int64_t width, const float* rotary, int64_t heads, int64_t kv_heads,
-               int64_t dim, float* query, T* keys, T* values, int64_t capacity, int64_t end) {
+               int64_t dim, float* query, T* keys, T* values, int64_t capacity, int64_t end, float* key) {
   const float* row = qkv + r * width;
   const float* cos = rotary + r * 2 * dim;
   const float* sin = cos + dim;
-  float key[kMaxHeadDim];
   for (int64_t h = 0; h < heads; ++h) rotate(row + h * dim, cos, sin, dim, query + (r * heads + h) * dim);
   for (int64_t h = 0; h < kv_heads; ++h) {
     const int64_t column = ((r * kv_heads + h) * capacity + end) * dim;
@@ -152,7 +150,7 @@ at::Tensor q4_decode_layer(const at::Tensor& hidden, const at::Tensor& rotary, c
   TORCH_CHECK(attention_norm.is_contiguous() && mlp_norm.is_contiguous() &&
                   attention_norm.numel() == hidden.size(1) && mlp_norm.numel() == hidden.size(1),
               "the norms' weights must be contiguous [width]");
-  TORCH_CHECK(dim % 8 == 0 && dim <= kMaxHeadDim, "the head size must be a multiple of 8, at most ", kMaxHeadDim);
+  TORCH_CHECK(dim % 8 == 0, "the head size must be a multiple of 8");
   const int64_t width = hidden.size(1);
   const llm_serving::Matrix qkv_weights = llm_serving::q4_1_matrix(weights[0], weights[1], weights[2]);
   const llm_serving::Matrix out_weights = llm_serving::q4_1_matrix(weights[3], weights[4], weights[5]);
@@ -211,13 +209,14 @@ at::Tensor q4_decode_layer(const at::Tensor& hidden, const at::Tensor& rotary, c
     const auto [qkv_begin, qkv_end] = share(qkv_weights.tiles(), index, team);
     llm_serving::q4_1_tiles(qkv_weights, rounded, rows, qkv_begin, qkv_end, qkv_data);
 #pragma omp barrier
+    std::vector<float> key(dim);
     for (int64_t r = first_row; r < last_row; ++r) {
       if (half_keys != nullptr) {
         place_row(qkv_data, r, qkv_width, rotary_data, heads, kv_heads, dim, query_data, half_keys, half_values,
-                  capacity, end);
+                  capacity, end, key.data());
       } else {
         place_row(qkv_data, r, qkv_width, rotary_data, heads, kv_heads, dim, query_data, float_keys, float_values,
-                  capacity, end);
+                  capacity, end, key.data());
       }
     }
 #pragma omp barrier
