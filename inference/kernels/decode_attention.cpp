@@ -133,6 +133,10 @@ void attention_tasks(const float* query, const at::Tensor& keys, const at::Tenso
   }
 }
 
+}  // namespace llm_serving
+
+namespace {
+
 // query [rows, kv_heads, groups, dim] float32; keys and values: the cache's buffers [capacity rows, kv_heads,
 // capacity columns, dim], float32 or float16; starts [rows] int64: each row's first real column; end: one past the
 // newest column. Returns [rows, kv_heads * groups * dim] float32, heads in the query's order.
@@ -160,14 +164,14 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys, con
   float* out_data = out.data_ptr<float>();
   const int64_t groups = query.size(2);
   at::parallel_for(0, rows * query.size(1), 1, [&](int64_t begin, int64_t stop) {
-    attention_tasks(query_data, keys, values, start_data, groups, end, begin, stop, out_data);
+    llm_serving::attention_tasks(query_data, keys, values, start_data, groups, end, begin, stop, out_data);
   });
   return out;
 }
 
-}  // namespace llm_serving
+}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llm_serving, m) {
   m.def("decode_attention(Tensor query, Tensor keys, Tensor values, Tensor starts, int end) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(llm_serving, CPU, m) { m.impl("decode_attention", &llm_serving::decode_attention); }
+TORCH_LIBRARY_IMPL(llm_serving, CPU, m) { m.impl("decode_attention", &decode_attention); }

@@ -36,8 +36,8 @@
 
 namespace {
 
-constexpr int64_t kVector = 8;   // outputs per vector (one AVX2 register of int32 / float)
-constexpr int64_t kGroup = 32;   // inputs per group (RoundedRows sizes its group sums for it)
+constexpr int64_t kVector = llm_serving::kVectorOutputs;  // one AVX2 register of int32 / float
+constexpr int64_t kGroup = llm_serving::kGroupInputs;
 constexpr float kLevels = 32767.0f;
 constexpr int64_t kRowsPerThread = 32;  // rows to round before a second thread is worth waking
 
@@ -271,6 +271,11 @@ at::Tensor integer_linear(const at::Tensor& x, const at::Tensor& packed, const a
   return y;
 }
 
+at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& lows) {
+  return integer_linear<Q4_1>(x, packed, scales, &lows);
+}
+
 at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
   return integer_linear<Q8_0>(x, packed, scales, nullptr);
 }
@@ -289,11 +294,6 @@ void q4_1_tiles(const Matrix& matrix, const RoundedRows& rounded, int64_t rows, 
   run_tiles<Q4_1>(matrix, rounded, rows, begin, end, y);
 }
 
-at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                       const at::Tensor& lows) {
-  return integer_linear<Q4_1>(x, packed, scales, &lows);
-}
-
 }  // namespace llm_serving
 
 TORCH_LIBRARY(llm_serving, m) {
@@ -301,6 +301,6 @@ TORCH_LIBRARY(llm_serving, m) {
   m.def("q8_0_linear(Tensor x, Tensor packed, Tensor scales) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llm_serving, CPU, m) {
-  m.impl("q4_1_linear", &llm_serving::q4_1_linear);
+  m.impl("q4_1_linear", &q4_1_linear);
   m.impl("q8_0_linear", &q8_0_linear);
 }
