@@ -258,12 +258,17 @@ class Q4DecoderLayer(DecoderLayer):
             layer.attention,
         )
         # the kernel's weights in its order; the same tensors as the projections' (no copy)
-        projections: list[Any] = [layer.qkv, layer.out, layer.gate_up, layer.down]
+        projections: list[Any] = self.projections(layer)
         self.weights = [tensor for p in projections for tensor in (p.packed, p.scales, p.lows)]
 
     @staticmethod
+    def projections(layer: DecoderLayer) -> list[nn.Module]:
+        """The layer's four projections, in the order the kernel takes their weights."""
+        return [layer.qkv, layer.out, layer.gate_up, layer.down]
+
+    @staticmethod
     def takes(layer: DecoderLayer) -> bool:
-        projections = (layer.qkv, layer.out, layer.gate_up, layer.down)
+        projections = Q4DecoderLayer.projections(layer)
         return isinstance(layer.attention, KernelAttention) and all(isinstance(p, Q4Linear) for p in projections)
 
     def forward(

@@ -44,8 +44,8 @@ SHAPING_SOURCES = (
         PACKAGE / name
         for name in ("fast_llama.py", "quantization.py", "decoders.py", "integer_kernels.py", "saved_decoders.py")
     ]
-    + sorted((PACKAGE / "kernels").glob("*.cpp"))
-    + sorted((PACKAGE / "kernels").glob("*.h"))
+    + integer_kernels.SOURCES
+    + integer_kernels.HEADERS
     + sorted((PACKAGE / "data").glob("*.txt"))
 )
 STEP_FILE = "step.pt"
